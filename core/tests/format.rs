@@ -1,0 +1,771 @@
+//! The snapshot/segment file format: round trips, streaming, corruption.
+
+mod common;
+
+use common::{page, Rng};
+use replited_core::format::*;
+use replited_core::hash::{page_hash, DbHashes, FileHasher};
+use replited_core::scan::WalPos;
+
+/// A transaction to encode: header fields and pages.
+#[derive(Clone)]
+struct Txn {
+    time_ms: u64,
+    db_pages: u32,
+    pages: Vec<(u32, Vec<u8>)>,
+}
+
+fn header(
+    kind: Kind,
+    compression: Compression,
+    page_size: u32,
+    first: u64,
+    last: u64,
+) -> FileHeader {
+    FileHeader {
+        kind,
+        compression,
+        page_size,
+        level: 0,
+        generation: 3,
+        first_txid: first,
+        last_txid: last,
+        first_time_ms: 1_700_000_000_000,
+        last_time_ms: 1_700_000_000_000 + if kind == Kind::Snapshot { 0 } else { 500 },
+        wal: Some(WalPos {
+            salt1: 0x1111,
+            salt2: 0x2222,
+            offset: 32 + 10 * (24 + u64::from(page_size)),
+            checksum: (7, 8),
+        }),
+        db_checksum: 0,
+        db_pages: 1,
+    }
+}
+
+/// The header with the final state of `txns` (as `encode` computes it) filled in.
+fn finalized(h: &FileHeader, txns: &[Txn]) -> FileHeader {
+    let mut db = DbHashes::new(h.page_size);
+    for t in txns {
+        for (pgno, data) in &t.pages {
+            db.set(*pgno, page_hash(*pgno, data));
+        }
+        db.set_page_count(t.db_pages);
+    }
+    FileHeader {
+        db_checksum: db.checksum(),
+        db_pages: txns.last().map_or(h.db_pages, |t| t.db_pages),
+        ..*h
+    }
+}
+
+/// Encodes `txns` (whose checksums are computed with DbHashes, the database
+/// starting empty), draining the output every call to check streaming.
+fn encode(h: &FileHeader, txns: &[Txn]) -> (Vec<u8>, u64, Vec<TxnHeader>) {
+    let h = &finalized(h, txns);
+    let mut file = Vec::new();
+    let mut out = Vec::new();
+    let mut enc = Encoder::new(h, &mut out).unwrap();
+    file.append(&mut out);
+    let mut db = DbHashes::new(h.page_size);
+    let mut headers = Vec::new();
+    for (k, t) in txns.iter().enumerate() {
+        for (pgno, data) in &t.pages {
+            db.set(*pgno, page_hash(*pgno, data));
+        }
+        db.set_page_count(t.db_pages);
+        let th = TxnHeader {
+            txid: h.first_txid + k as u64,
+            time_ms: t.time_ms,
+            db_pages: t.db_pages,
+            page_count: t.pages.len() as u32,
+            db_checksum: db.checksum(),
+        };
+        enc.begin_txn(&th, &mut out).unwrap();
+        file.append(&mut out);
+        headers.push(th);
+        for (pgno, data) in &t.pages {
+            enc.page(*pgno, data, &mut out).unwrap();
+            assert!(out.len() <= PAGE_RECORD_HEADER_LEN + h.page_size as usize);
+            file.append(&mut out);
+        }
+    }
+    let hash = enc.finish(&mut out).unwrap();
+    file.append(&mut out);
+    (file, hash, headers)
+}
+
+#[derive(Debug, PartialEq)]
+enum Ev {
+    Header(FileHeader),
+    Txn(TxnHeader),
+    Page(u32, Vec<u8>),
+    End,
+}
+
+/// Decodes a whole file, feeding `step` more bytes each time the decoder
+/// needs more (usize::MAX: everything at once).
+fn decode(file: &[u8], step: usize) -> Result<Vec<Ev>, FormatError> {
+    let mut d = Decoder::new();
+    let mut evs = Vec::new();
+    let mut pos = 0;
+    let mut avail = step.min(file.len());
+    loop {
+        let (n, ev) = d.decode(&file[pos..avail])?;
+        pos += n;
+        match ev {
+            Some(Event::Header(h)) => {
+                assert_eq!(d.header(), Some(&h));
+                assert_eq!(d.max_item_len(), 8 + h.page_size as usize);
+                evs.push(Ev::Header(h));
+            }
+            Some(Event::Txn(t)) => evs.push(Ev::Txn(t)),
+            Some(Event::Page(p)) => evs.push(Ev::Page(p, d.page().to_vec())),
+            Some(Event::End) => evs.push(Ev::End),
+            None => {
+                assert_eq!(n, 0);
+                if avail == file.len() {
+                    break;
+                }
+                avail = avail.saturating_add(step).min(file.len());
+            }
+        }
+    }
+    d.finish()?;
+    Ok(evs)
+}
+
+fn expected_events(h: &FileHeader, headers: &[TxnHeader], txns: &[Txn]) -> Vec<Ev> {
+    let mut v = vec![Ev::Header(finalized(h, txns))];
+    for (th, t) in headers.iter().zip(txns) {
+        v.push(Ev::Txn(*th));
+        for (p, d) in &t.pages {
+            v.push(Ev::Page(*p, d.clone()));
+        }
+    }
+    v.push(Ev::End);
+    v
+}
+
+fn snapshot_txns(page_size: u32, n: u32) -> Vec<Txn> {
+    let mut r = Rng::new(42);
+    let pages = (1..=n)
+        .map(|p| {
+            let data = if p % 3 == 0 {
+                r.bytes(page_size as usize) // incompressible
+            } else {
+                page(page_size, p, 0)
+            };
+            (p, data)
+        })
+        .collect();
+    vec![Txn {
+        time_ms: 1_700_000_000_000,
+        db_pages: n,
+        pages,
+    }]
+}
+
+fn segment_txns(page_size: u32) -> Vec<Txn> {
+    let mut r = Rng::new(7);
+    vec![
+        Txn {
+            time_ms: 1_700_000_000_000,
+            db_pages: 4,
+            pages: vec![(1, page(page_size, 1, 1)), (4, page(page_size, 4, 1))],
+        },
+        // A transaction with no page record (allowed in segments).
+        Txn {
+            time_ms: 1_700_000_000_100,
+            db_pages: 4,
+            pages: vec![],
+        },
+        Txn {
+            time_ms: 1_700_000_000_100,
+            db_pages: 6,
+            pages: vec![
+                (2, r.bytes(page_size as usize)),
+                (5, vec![0; page_size as usize]),
+                (6, page(page_size, 6, 2)),
+            ],
+        },
+        // Shrinks the database.
+        Txn {
+            time_ms: 1_700_000_000_500,
+            db_pages: 2,
+            pages: vec![(1, page(page_size, 1, 3))],
+        },
+    ]
+}
+
+fn stored_lengths(file: &[u8]) -> Vec<u32> {
+    let mut d = Decoder::new();
+    let mut pos = 0;
+    let mut lens = Vec::new();
+    loop {
+        let before = pos;
+        let (n, ev) = d.decode(&file[pos..]).unwrap();
+        pos += n;
+        match ev {
+            Some(Event::Page(_)) => lens.push((n - PAGE_RECORD_HEADER_LEN) as u32),
+            Some(Event::End) => break,
+            Some(_) => {}
+            None => panic!("stuck at {before}"),
+        }
+    }
+    lens
+}
+
+#[test]
+fn round_trip() {
+    for compression in [Compression::None, Compression::Lz4] {
+        for page_size in [512u32, 4096, 65536] {
+            let sn = snapshot_txns(page_size, 5);
+            let seg = segment_txns(page_size);
+            let cases = [
+                (header(Kind::Snapshot, compression, page_size, 9, 9), sn),
+                (header(Kind::Segment, compression, page_size, 10, 13), seg),
+            ];
+            for (h, txns) in cases {
+                let (file, hash, headers) = encode(&h, &txns);
+                let evs = decode(&file, usize::MAX).unwrap();
+                assert_eq!(evs, expected_events(&h, &headers, &txns));
+                let mut fh = FileHasher::new();
+                fh.update(&file[..file.len() - TRAILER_LEN]);
+                assert_eq!(fh.finish(), hash);
+                let mut d = Decoder::new();
+                let mut pos = 0;
+                while !d.is_done() {
+                    pos += d.decode(&file[pos..]).unwrap().0;
+                }
+                assert_eq!(d.file_hash(), Some(hash));
+                let lens = stored_lengths(&file);
+                for (l, ev) in lens
+                    .iter()
+                    .zip(evs.iter().filter(|e| matches!(e, Ev::Page(..))))
+                {
+                    let Ev::Page(_, data) = ev else {
+                        unreachable!()
+                    };
+                    if compression == Compression::None {
+                        assert_eq!(*l, page_size);
+                    } else {
+                        let compressible = data[16..64].iter().all(|&b| b == data[16]);
+                        if compressible {
+                            assert!(*l < page_size, "page stored raw: {l}");
+                        }
+                        assert!(*l <= page_size);
+                    }
+                }
+                if compression == Compression::Lz4 {
+                    // Incompressible pages are stored raw.
+                    assert!(lens.contains(&page_size));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn byte_by_byte_gives_the_same_events() {
+    for compression in [Compression::None, Compression::Lz4] {
+        let h = header(Kind::Segment, compression, 512, 1, 4);
+        let txns = segment_txns(512);
+        let (file, _, headers) = encode(&h, &txns);
+        let want = expected_events(&h, &headers, &txns);
+        for step in [1, 7, 100] {
+            assert_eq!(decode(&file, step).unwrap(), want);
+        }
+        let h = header(Kind::Snapshot, compression, 512, 1, 1);
+        let txns = snapshot_txns(512, 3);
+        let (file, _, headers) = encode(&h, &txns);
+        assert_eq!(
+            decode(&file, 1).unwrap(),
+            expected_events(&h, &headers, &txns)
+        );
+    }
+}
+
+fn small_files() -> Vec<Vec<u8>> {
+    let mut v = Vec::new();
+    for compression in [Compression::None, Compression::Lz4] {
+        let h = header(Kind::Segment, compression, 512, 5, 6);
+        let txns = vec![
+            Txn {
+                time_ms: 1_700_000_000_000,
+                db_pages: 3,
+                pages: vec![(1, page(512, 1, 0)), (3, page(512, 3, 0))],
+            },
+            Txn {
+                time_ms: 1_700_000_000_500,
+                db_pages: 3,
+                pages: vec![(2, page(512, 2, 0))],
+            },
+        ];
+        v.push(encode(&h, &txns).0);
+        let mut h = header(Kind::Snapshot, compression, 512, 5, 5);
+        h.wal = None;
+        v.push(encode(&h, &snapshot_txns(512, 2)).0);
+    }
+    v
+}
+
+#[test]
+fn flipping_any_byte_fails() {
+    for file in small_files() {
+        decode(&file, usize::MAX).unwrap();
+        for i in 0..file.len() {
+            for x in [0x01u8, 0x80, 0xff] {
+                let mut f = file.clone();
+                f[i] ^= x;
+                assert!(
+                    decode(&f, usize::MAX).is_err(),
+                    "flip 0x{x:02x} at byte {i} of {} went unnoticed",
+                    file.len()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn truncation_at_every_length_fails() {
+    for file in small_files() {
+        for len in 0..file.len() {
+            let r = decode(&file[..len], usize::MAX);
+            assert!(r.is_err(), "truncated to {len}");
+            if !(4..FILE_HEADER_LEN).contains(&len) {
+                assert_eq!(r.unwrap_err(), FormatError::Truncated, "truncated to {len}");
+            }
+        }
+        let mut longer = file.clone();
+        longer.push(0);
+        assert_eq!(decode(&longer, usize::MAX), Err(FormatError::TrailingBytes));
+    }
+}
+
+#[test]
+fn file_header_round_trip_and_rules() {
+    let h = header(Kind::Segment, Compression::Lz4, 4096, 10, 20);
+    assert_eq!(FileHeader::decode(&h.encode()), Ok(h));
+    let mut n = h;
+    n.wal = None;
+    assert_eq!(FileHeader::decode(&n.encode()), Ok(n));
+    assert_eq!(n.encode()[56..80], [0u8; 24]);
+    let bad = |f: &dyn Fn(&mut FileHeader)| {
+        let mut x = h;
+        f(&mut x);
+        let e = x.validate().unwrap_err();
+        assert_eq!(FileHeader::decode(&x.encode()), Err(e));
+        let mut out = Vec::new();
+        assert_eq!(Encoder::new(&x, &mut out).unwrap_err(), e);
+        assert!(out.is_empty());
+        e
+    };
+    assert_eq!(bad(&|x| x.page_size = 1000), FormatError::BadPageSize(1000));
+    assert_eq!(bad(&|x| x.page_size = 256), FormatError::BadPageSize(256));
+    assert_eq!(
+        bad(&|x| x.page_size = 131072),
+        FormatError::BadPageSize(131072)
+    );
+    assert_eq!(bad(&|x| x.generation = 0), FormatError::ZeroGeneration);
+    assert_eq!(bad(&|x| x.first_txid = 0), FormatError::ZeroTxid);
+    assert_eq!(
+        bad(&|x| x.last_txid = 9),
+        FormatError::TxidRange { first: 10, last: 9 }
+    );
+    assert!(matches!(
+        bad(&|x| x.last_time_ms = 0),
+        FormatError::TimeRange { .. }
+    ));
+    assert!(matches!(
+        bad(&|x| x.kind = Kind::Snapshot),
+        FormatError::SnapshotTxidRange {
+            first: 10,
+            last: 20
+        }
+    ));
+    assert!(matches!(
+        bad(&|x| {
+            x.kind = Kind::Snapshot;
+            x.last_txid = 10
+        }),
+        FormatError::SnapshotTimeRange { .. }
+    ));
+    assert_eq!(
+        bad(&|x| {
+            x.kind = Kind::Snapshot;
+            x.last_txid = 10;
+            x.last_time_ms = x.first_time_ms;
+            x.level = 1
+        }),
+        FormatError::SnapshotLevel(1)
+    );
+    for off in [1u64, 31, 33, 32 + 4120 + 1] {
+        assert_eq!(
+            bad(&|x| x.wal.as_mut().unwrap().offset = off),
+            FormatError::BadWalOffset {
+                offset: off,
+                frame_len: 4120
+            }
+        );
+    }
+    // Byte-level rules: re-hash so only the rule under test is broken.
+    let rehashed = |f: &dyn Fn(&mut [u8; FILE_HEADER_LEN])| {
+        let mut b = h.encode();
+        f(&mut b);
+        let hh = xxhash_rust::xxh3::xxh3_64(&b[..FH_HASH]);
+        b[FH_HASH..].copy_from_slice(&hh.to_be_bytes());
+        FileHeader::decode(&b)
+    };
+    assert_eq!(rehashed(&|b| b[0] = b'X'), Err(FormatError::BadMagic));
+    assert_eq!(
+        rehashed(&|b| b[5] = 2),
+        Err(FormatError::UnsupportedVersion(2))
+    );
+    assert_eq!(rehashed(&|b| b[6] = 3), Err(FormatError::BadKind(3)));
+    assert_eq!(rehashed(&|b| b[6] = 0), Err(FormatError::BadKind(0)));
+    assert_eq!(rehashed(&|b| b[7] = 2), Err(FormatError::BadCompression(2)));
+    assert_eq!(rehashed(&|b| b[92] = 1), Err(FormatError::ReservedNotZero));
+    assert_eq!(rehashed(&|b| b[95] = 1), Err(FormatError::ReservedNotZero));
+    assert_eq!(
+        rehashed(&|b| b[88..92].copy_from_slice(&[0; 4])),
+        Err(FormatError::ZeroDbSize { txid: 20 })
+    );
+    assert_eq!(
+        rehashed(&|b| b[64..72].fill(0)),
+        Err(FormatError::UnknownWalPosNotZero)
+    );
+    let mut b = h.encode();
+    b[20] ^= 1;
+    assert!(matches!(
+        FileHeader::decode(&b),
+        Err(FormatError::HeaderChecksum { .. })
+    ));
+    assert_eq!(FileHeader::decode(&b[..50]), Err(FormatError::Truncated));
+}
+
+fn txn(txid: u64, time_ms: u64, db_pages: u32, page_count: u32) -> TxnHeader {
+    TxnHeader {
+        txid,
+        time_ms,
+        db_pages,
+        page_count,
+        db_checksum: 0,
+    }
+}
+
+#[test]
+fn encoder_checks_sequencing() {
+    let h = FileHeader {
+        db_pages: 3,
+        ..header(Kind::Segment, Compression::None, 512, 10, 11)
+    };
+    let t0 = h.first_time_ms;
+    let p = page(512, 1, 0);
+    let mut out = Vec::new();
+    let mut e = Encoder::new(&h, &mut out).unwrap();
+    assert_eq!(e.header(), &h);
+    assert_eq!(
+        e.page(1, &p, &mut out),
+        Err(FormatError::NoPageExpected { pgno: 1 })
+    );
+    assert_eq!(
+        e.begin_txn(&txn(11, t0, 3, 1), &mut out),
+        Err(FormatError::TxidOutOfSequence {
+            expected: 10,
+            found: 11
+        })
+    );
+    assert!(matches!(
+        e.begin_txn(&txn(10, t0 - 1, 3, 1), &mut out),
+        Err(FormatError::TimeOutOfRange { .. })
+    ));
+    assert!(matches!(
+        e.begin_txn(&txn(10, h.last_time_ms + 1, 3, 1), &mut out),
+        Err(FormatError::TimeOutOfRange { .. })
+    ));
+    assert_eq!(
+        e.begin_txn(&txn(10, t0, 0, 0), &mut out),
+        Err(FormatError::ZeroDbSize { txid: 10 })
+    );
+    assert_eq!(
+        e.begin_txn(&txn(10, t0, 3, 4), &mut out),
+        Err(FormatError::PageCountExceedsDbSize {
+            txid: 10,
+            page_count: 4,
+            db_pages: 3
+        })
+    );
+    let len = out.len();
+    e.begin_txn(&txn(10, t0 + 10, 3, 2), &mut out).unwrap();
+    assert_eq!(out.len(), len + TXN_HEADER_LEN);
+    assert_eq!(
+        e.begin_txn(&txn(11, t0 + 10, 3, 1), &mut out),
+        Err(FormatError::TxnIncomplete {
+            txid: 10,
+            missing: 2
+        })
+    );
+    assert_eq!(
+        e.page(0, &p, &mut out),
+        Err(FormatError::ZeroPageNumber { txid: 10 })
+    );
+    assert_eq!(
+        e.page(4, &p, &mut out),
+        Err(FormatError::PageBeyondDbSize {
+            pgno: 4,
+            db_pages: 3
+        })
+    );
+    assert_eq!(
+        e.page(2, &p[..100], &mut out),
+        Err(FormatError::PageDataLength {
+            pgno: 2,
+            len: 100,
+            page_size: 512
+        })
+    );
+    e.page(2, &p, &mut out).unwrap();
+    assert_eq!(
+        e.page(2, &p, &mut out),
+        Err(FormatError::PageOutOfOrder {
+            pgno: 2,
+            previous: 2
+        })
+    );
+    assert_eq!(
+        e.page(1, &p, &mut out),
+        Err(FormatError::PageOutOfOrder {
+            pgno: 1,
+            previous: 2
+        })
+    );
+    e.page(3, &p, &mut out).unwrap();
+    assert_eq!(
+        e.page(4, &p, &mut out),
+        Err(FormatError::NoPageExpected { pgno: 4 })
+    );
+    assert!(matches!(
+        e.begin_txn(&txn(11, t0 + 9, 3, 1), &mut out),
+        Err(FormatError::TimeDecreasing { .. })
+    ));
+    assert_eq!(
+        e.clone().finish(&mut Vec::new()),
+        Err(FormatError::MissingTxns { next: 11, last: 11 })
+    );
+    e.begin_txn(&txn(11, t0 + 10, 3, 1), &mut out).unwrap();
+    assert_eq!(
+        e.clone().finish(&mut Vec::new()),
+        Err(FormatError::TxnIncomplete {
+            txid: 11,
+            missing: 1
+        })
+    );
+    e.page(1, &p, &mut out).unwrap();
+    assert_eq!(
+        e.begin_txn(&txn(12, t0 + 10, 3, 1), &mut out),
+        Err(FormatError::TooManyTxns { txid: 12, last: 11 })
+    );
+    let hash = e.finish(&mut out).unwrap();
+    assert_eq!(decode(&out, usize::MAX).unwrap().len(), 7);
+    assert_eq!(&out[out.len() - 8..], &hash.to_be_bytes());
+}
+
+#[test]
+fn snapshot_rules() {
+    let h = FileHeader {
+        db_pages: 3,
+        ..header(Kind::Snapshot, Compression::Lz4, 512, 4, 4)
+    };
+    let t0 = h.first_time_ms;
+    let mut out = Vec::new();
+    let mut e = Encoder::new(&h, &mut out).unwrap();
+    assert_eq!(
+        e.begin_txn(&txn(4, t0, 3, 2), &mut out),
+        Err(FormatError::SnapshotIncomplete {
+            page_count: 2,
+            db_pages: 3
+        })
+    );
+    let pages: Vec<Vec<u8>> = (1..=2).map(|p| page(512, p, 0)).collect();
+    let sum = page_hash(1, &pages[0]) ^ page_hash(2, &pages[1]);
+    let mut wrong = txn(4, t0, 2, 2);
+    wrong.db_checksum = sum ^ 1;
+    // The transaction must agree with the file header; here both claim the wrong checksum.
+    let wrong_h = FileHeader {
+        db_checksum: sum ^ 1,
+        db_pages: 2,
+        ..h
+    };
+    let mut out = Vec::new();
+    let mut e = Encoder::new(&wrong_h, &mut out).unwrap();
+    assert!(matches!(
+        e.begin_txn(&txn(4, t0, 2, 2), &mut out),
+        Err(FormatError::LastTxnMismatch { txid: 4, .. })
+    ));
+    e.begin_txn(&wrong, &mut out).unwrap();
+    e.page(1, &pages[0], &mut out).unwrap();
+    assert_eq!(
+        e.page(2, &pages[1], &mut out),
+        Err(FormatError::DbChecksumMismatch {
+            txid: 4,
+            stored: sum ^ 1,
+            computed: sum
+        })
+    );
+    // The decoder checks it too: build the file with the right checksum, then
+    // patch it (and re-hash the trailer) so only the database checksum is off.
+    let mut right = wrong;
+    right.db_checksum = sum;
+    let h = FileHeader {
+        db_checksum: sum,
+        db_pages: 2,
+        ..h
+    };
+    let mut out = Vec::new();
+    let mut e = Encoder::new(&h, &mut out).unwrap();
+    e.begin_txn(&right, &mut out).unwrap();
+    e.page(1, &pages[0], &mut out).unwrap();
+    e.page(2, &pages[1], &mut out).unwrap();
+    e.finish(&mut out).unwrap();
+    decode(&out, usize::MAX).unwrap();
+    let at = FILE_HEADER_LEN + 24;
+    out[at..at + 8].copy_from_slice(&(sum ^ 1).to_be_bytes());
+    out[FH_DB_CHECKSUM..FH_DB_CHECKSUM + 8].copy_from_slice(&(sum ^ 1).to_be_bytes());
+    let hh = xxhash_rust::xxh3::xxh3_64(&out[..FH_HASH]);
+    out[FH_HASH..FILE_HEADER_LEN].copy_from_slice(&hh.to_be_bytes());
+    retrailer(&mut out);
+    assert!(matches!(
+        decode(&out, usize::MAX),
+        Err(FormatError::DbChecksumMismatch { txid: 4, .. })
+    ));
+}
+
+/// Recomputes the trailer hash of a file.
+fn retrailer(f: &mut [u8]) {
+    let n = f.len() - TRAILER_LEN;
+    let h = xxhash_rust::xxh3::xxh3_64(&f[..n]);
+    f[n + 8..].copy_from_slice(&h.to_be_bytes());
+}
+
+#[test]
+fn decoder_rules_on_crafted_files() {
+    let h = header(Kind::Segment, Compression::None, 512, 1, 2);
+    let txns = segment_txns(512)[..2].to_vec();
+    let (file, _, _) = encode(&h, &txns);
+    let rec = FILE_HEADER_LEN + TXN_HEADER_LEN; // first page record
+    let expect = |f: &dyn Fn(&mut Vec<u8>), want: FormatError| {
+        let mut x = file.clone();
+        f(&mut x);
+        retrailer(&mut x);
+        assert_eq!(decode(&x, usize::MAX), Err(want));
+        assert_eq!(decode(&x, 1), Err(want));
+    };
+    expect(
+        &|x| x[rec + 4..rec + 8].copy_from_slice(&100u32.to_be_bytes()),
+        FormatError::UnexpectedCompression { pgno: 1, len: 100 },
+    );
+    expect(
+        &|x| x[rec + 4..rec + 8].copy_from_slice(&0u32.to_be_bytes()),
+        FormatError::BadPageLength {
+            pgno: 1,
+            len: 0,
+            page_size: 512,
+        },
+    );
+    expect(
+        &|x| x[rec + 4..rec + 8].copy_from_slice(&513u32.to_be_bytes()),
+        FormatError::BadPageLength {
+            pgno: 1,
+            len: 513,
+            page_size: 512,
+        },
+    );
+    expect(
+        &|x| x[rec..rec + 4].copy_from_slice(&9u32.to_be_bytes()),
+        FormatError::PageBeyondDbSize {
+            pgno: 9,
+            db_pages: 4,
+        },
+    );
+    let second = rec + 8 + 512;
+    expect(
+        &|x| x[second..second + 4].copy_from_slice(&1u32.to_be_bytes()),
+        FormatError::PageOutOfOrder {
+            pgno: 1,
+            previous: 1,
+        },
+    );
+    expect(
+        &|x| x[FILE_HEADER_LEN..FILE_HEADER_LEN + 8].copy_from_slice(&2u64.to_be_bytes()),
+        FormatError::TxidOutOfSequence {
+            expected: 1,
+            found: 2,
+        },
+    );
+    let n = file.len();
+    expect(&|x| x[n - 16] = b'X', FormatError::BadTrailerMagic);
+    let mut x = file.clone();
+    x[rec + 100] ^= 1;
+    assert!(matches!(
+        decode(&x, usize::MAX),
+        Err(FormatError::ChecksumMismatch { .. })
+    ));
+    // Compressed page in an lz4 file that decompresses to the wrong size.
+    let h = header(Kind::Segment, Compression::Lz4, 512, 1, 1);
+    let t = Txn {
+        time_ms: h.first_time_ms,
+        db_pages: 1,
+        pages: vec![(1, vec![0; 512])],
+    };
+    let (mut file, _, _) = encode(&h, &[t]);
+    let len = u32::from_be_bytes(file[rec + 4..rec + 8].try_into().unwrap()) as usize;
+    assert!(len < 512);
+    // Replace the block with one that decompresses to 511 bytes.
+    let block = lz4_flex::block::compress(&[0u8; 511]);
+    let mut x = file[..rec].to_vec();
+    x.extend_from_slice(&1u32.to_be_bytes());
+    x.extend_from_slice(&(block.len() as u32).to_be_bytes());
+    x.extend_from_slice(&block);
+    x.extend_from_slice(&file[rec + 8 + len..]);
+    retrailer(&mut x);
+    assert_eq!(
+        decode(&x, usize::MAX),
+        Err(FormatError::Decompress { pgno: 1 })
+    );
+    file.truncate(3);
+    assert_eq!(decode(&file, usize::MAX), Err(FormatError::Truncated));
+    assert_eq!(Decoder::new().max_item_len(), FILE_HEADER_LEN);
+    assert_eq!(Decoder::new().decode(b"RPLX"), Err(FormatError::BadMagic));
+}
+
+#[test]
+fn error_messages() {
+    assert_eq!(
+        FormatError::ChecksumMismatch {
+            stored: 1,
+            computed: 0xab
+        }
+        .to_string(),
+        "checksum mismatch: stored 0x0000000000000001, computed 0x00000000000000ab"
+    );
+    assert_eq!(
+        FormatError::UnsupportedVersion(7).to_string(),
+        "unsupported version 7"
+    );
+    assert_eq!(
+        FormatError::Truncated.to_string(),
+        "truncated: the file ends before its trailer"
+    );
+    assert_eq!(
+        FormatError::PageOutOfOrder {
+            pgno: 9,
+            previous: 12
+        }
+        .to_string(),
+        "page 9 out of order after page 12"
+    );
+    let e: &dyn std::error::Error = &FormatError::BadMagic;
+    assert_eq!(e.to_string(), "bad magic");
+}

@@ -1,0 +1,304 @@
+//! The command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use replited_core::plan::Target;
+
+use crate::config::{db_name, Config, DEFAULT_CONFIG_PATH};
+use crate::replicate::{preflight, targets, wait_for_db, Replicator};
+use crate::restore::{restore, RestoreOptions};
+use crate::shutdown::Shutdown;
+use crate::storage::{FsStorage, Storage};
+use crate::walfile::IoBackend;
+
+/// Continuous backup and point-in-time restore for SQLite databases in WAL mode.
+#[derive(Parser, Debug)]
+#[command(name = "replited", version, about)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(short = 'c', long, global = true, default_value = DEFAULT_CONFIG_PATH, env = "REPLITED_CONFIG")]
+    pub config: PathBuf,
+    /// Log level (trace, debug, info, warn, error); overrides `[log] level`. RUST_LOG, when set,
+    /// overrides both.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Capture every committed transaction of each configured database and store it in its
+    /// targets, until SIGTERM/SIGINT (then everything captured is written out and it exits 0).
+    Replicate {
+        /// How the WAL is read: io_uring when available (auto), or forced.
+        #[arg(long = "io", value_enum, default_value = "auto", env = "REPLITED_IO")]
+        io: IoBackend,
+    },
+    /// Rebuild a database from its backup into a new file, verified before it is renamed into
+    /// place.
+    Restore {
+        /// A backup location instead of the config: file:///var/backups/replited/NAME.
+        source: Option<String>,
+        /// The configured database to restore (its `db` path); optional with one database.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Where to write the database (default: the database's own path).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        /// Restore the state as of this time (RFC 3339, e.g. 2026-11-21T10:30:00Z).
+        #[arg(long, conflicts_with = "txid")]
+        timestamp: Option<String>,
+        /// Restore the state right after this transaction (decimal, 0x-prefixed hex, or the
+        /// 16-digit hex form replited prints).
+        #[arg(long)]
+        txid: Option<String>,
+        /// Do nothing (and succeed) when the output database already exists.
+        #[arg(long)]
+        if_db_not_exists: bool,
+        /// Do nothing (and succeed) when there is no backup to restore from.
+        #[arg(long)]
+        if_replica_exists: bool,
+        /// Replace the output file if it exists (its -wal and -shm are removed).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The logger may not be up yet (config errors): print plainly.
+            eprintln!("replited: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("replited={level},replited_core={level},warn")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Replicate { io } => {
+            let cfg = Config::load(&cli.config)?;
+            init_logging(cli.log_level.as_deref().unwrap_or(&cfg.log.level));
+            if let Some(dir) = &cfg.log.dir {
+                tracing::warn!("[log] dir = {dir:?} is ignored: replited logs to stderr (the journal under systemd)");
+            }
+            replicate(cfg, io)
+        }
+        Command::Restore {
+            source,
+            db,
+            output,
+            timestamp,
+            txid,
+            if_db_not_exists,
+            if_replica_exists,
+            force,
+        } => {
+            init_logging(cli.log_level.as_deref().unwrap_or("info"));
+            let target = match (timestamp, txid) {
+                (Some(t), _) => Target::Time(parse_time(&t)?),
+                (_, Some(x)) => Target::Txid(parse_txid(&x)?),
+                _ => Target::Latest,
+            };
+            let (sources, output): (Vec<Box<dyn Storage>>, PathBuf) = match source {
+                Some(url) => {
+                    let out =
+                        output.ok_or_else(|| anyhow!("restoring from {url} needs -o OUTPUT"))?;
+                    (vec![storage_from_url(&url)?], out)
+                }
+                None => {
+                    let cfg = Config::load(&cli.config)?;
+                    let dbc = match &db {
+                        Some(p) => cfg.find_db(p).ok_or_else(|| {
+                            anyhow!(
+                                "Database not found: {} is not configured in {} (configured: {})",
+                                p.display(),
+                                cfg.path.display(),
+                                cfg.databases
+                                    .iter()
+                                    .map(|d| d.db.display().to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        })?,
+                        None if cfg.databases.len() == 1 => &cfg.databases[0],
+                        None => bail!(
+                            "{} configures {} databases: choose one with --db",
+                            cfg.path.display(),
+                            cfg.databases.len()
+                        ),
+                    };
+                    let out = output.unwrap_or_else(|| dbc.db.clone());
+                    (targets(dbc).into_iter().map(|t| t.storage).collect(), out)
+                }
+            };
+            let refs: Vec<&dyn Storage> = sources.iter().map(|s| &**s).collect();
+            restore(
+                &refs,
+                &RestoreOptions {
+                    target,
+                    output,
+                    force,
+                    if_db_not_exists,
+                    if_replica_exists,
+                },
+            )?;
+            Ok(())
+        }
+    }
+}
+
+fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
+    let io = io
+        .resolve()
+        .map_err(|e| anyhow!("io_uring cannot be used: {e}"))?;
+    tracing::info!("reading WALs with {}", io.name());
+    let shutdown = std::sync::Arc::new(Shutdown::install()?);
+    for d in &cfg.databases {
+        preflight(d)
+            .with_context(|| format!("{}: database {}", cfg.path.display(), d.db.display()))?;
+    }
+    let mut handles = Vec::new();
+    for d in cfg.databases.iter().cloned() {
+        let sd = shutdown.clone();
+        let name = db_name(&d.db);
+        handles.push((
+            d.db.clone(),
+            std::thread::Builder::new()
+                .name(format!("capture {name}"))
+                .spawn(move || {
+                    let r = (|| {
+                        if !wait_for_db(&d.db, &sd)? {
+                            return Ok(());
+                        }
+                        Replicator::open(d, io)?.run(&sd)
+                    })();
+                    if r.is_err() {
+                        // One database failing for good stops the service, so systemd's restart
+                        // policy applies and the operator sees it.
+                        sd.trigger();
+                    }
+                    r
+                })?,
+        ));
+    }
+    let mut failed = None;
+    for (db, h) in handles {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!("{}: {e:#}", db.display());
+                failed.get_or_insert(anyhow!("{}: {e:#}", db.display()));
+            }
+            Err(_) => {
+                failed.get_or_insert(anyhow!("{}: capture thread panicked", db.display()));
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// `file:///dir/NAME` → the fs target holding NAME's backups.
+fn storage_from_url(url: &str) -> Result<Box<dyn Storage>> {
+    let u = url::Url::parse(url).with_context(|| format!("invalid backup URL {url}"))?;
+    match u.scheme() {
+        "file" => {
+            let p = u
+                .to_file_path()
+                .map_err(|_| anyhow!("invalid file URL {url}: expected file:///path/to/NAME"))?;
+            if !p.is_dir() {
+                bail!("NoSnapshotError: {} is not a backup directory", p.display());
+            }
+            Ok(Box::new(FsStorage::at(p)))
+        }
+        s => bail!("unsupported backup URL scheme \"{s}\" in {url} (supported: file://)"),
+    }
+}
+
+/// RFC 3339 (`Z` or a numeric offset) → ms since the epoch.
+pub fn parse_time(s: &str) -> Result<u64> {
+    let bad =
+        || anyhow!("invalid --timestamp \"{s}\": expected RFC 3339, e.g. 2026-11-21T10:30:00Z");
+    let t = s.trim();
+    let (base, offset_secs): (String, i64) =
+        if let Some(b) = t.strip_suffix('Z').or_else(|| t.strip_suffix('z')) {
+            (format!("{b}Z"), 0)
+        } else if t.len() > 6
+            && matches!(&t[t.len() - 6..t.len() - 5], "+" | "-")
+            && &t[t.len() - 3..t.len() - 2] == ":"
+        {
+            let (b, off) = t.split_at(t.len() - 6);
+            let sign = if off.starts_with('-') { -1 } else { 1 };
+            let h: i64 = off[1..3].parse().map_err(|_| bad())?;
+            let m: i64 = off[4..6].parse().map_err(|_| bad())?;
+            (format!("{b}Z"), sign * (h * 3600 + m * 60))
+        } else {
+            return Err(bad());
+        };
+    let st = humantime::parse_rfc3339(&base).map_err(|_| bad())?;
+    let ms = st
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| bad())?
+        .as_millis() as i64
+        - offset_secs * 1000;
+    u64::try_from(ms).map_err(|_| bad())
+}
+
+/// Decimal, 0x-hex, or replited's 16-digit hex.
+pub fn parse_txid(s: &str) -> Result<u64> {
+    let bad =
+        || anyhow!("invalid --txid \"{s}\": expected a number (decimal, 0x-hex, or 16 hex digits)");
+    let t = s.trim();
+    if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return u64::from_str_radix(h, 16).map_err(|_| bad());
+    }
+    if t.len() == 16 && t.chars().all(|c| c.is_ascii_hexdigit()) {
+        return u64::from_str_radix(t, 16).map_err(|_| bad());
+    }
+    t.parse().map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        assert_eq!(parse_time("1970-01-01T00:00:01Z").unwrap(), 1000);
+        assert_eq!(parse_time("1970-01-01T00:00:01.250Z").unwrap(), 1250);
+        assert_eq!(parse_time("1970-01-01T01:00:01+01:00").unwrap(), 1000);
+        assert!(parse_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn txids() {
+        assert_eq!(parse_txid("10").unwrap(), 10);
+        assert_eq!(parse_txid("0x10").unwrap(), 16);
+        assert_eq!(parse_txid("0000000000000010").unwrap(), 16);
+        assert!(parse_txid("x").is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! replited: continuous backup and point-in-time restore for SQLite, native to systemd.
+//!
+//! The binary's modules, one concern each; the formats and all decisions that need no I/O live
+//! in `replited-core`.
+
+pub mod cli;
+pub mod config;
+pub mod reader;
+pub mod replicate;
+pub mod restore;
+pub mod shutdown;
+pub mod sqlite;
+pub mod storage;
+pub mod walfile;

@@ -1,0 +1,101 @@
+//! Reading stored files back: every byte goes through the core decoder, which checks the
+//! layout as it goes and the trailing checksum at the end. Errors name the file.
+
+use std::io::Read;
+
+use anyhow::{anyhow, bail, Context, Result};
+use replited_core::format::{Decoder, Event, FileHeader, FILE_HEADER_LEN};
+use replited_core::name::FileMeta;
+
+use crate::storage::Storage;
+
+/// Decodes a whole stored file, calling `f` for every event (page data in `Decoder::page`).
+/// `f` returning `Ok(false)` does not stop the decoding (the trailer must still be verified);
+/// it only stops further calls.
+pub fn decode_file(
+    storage: &dyn Storage,
+    meta: &FileMeta,
+    mut f: impl FnMut(&Event, &Decoder) -> Result<bool>,
+) -> Result<()> {
+    let loc = storage.locate(meta);
+    let mut input = storage.open(meta)?;
+    let mut dec = Decoder::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut start = 0usize;
+    let mut eof = false;
+    let mut calling = true;
+    loop {
+        let (used, ev) = dec
+            .decode(&buf[start..])
+            .map_err(|e| anyhow!("{loc}: {e}"))?;
+        start += used;
+        match ev {
+            Some(ev) => {
+                if let Event::Header(h) = &ev {
+                    if !meta.matches(h) {
+                        bail!("{loc}: the file's header does not match its name");
+                    }
+                }
+                let end = matches!(ev, Event::End);
+                if calling {
+                    calling = f(&ev, &dec)?;
+                }
+                if end {
+                    break;
+                }
+            }
+            None => {
+                if eof {
+                    dec.finish().map_err(|e| anyhow!("{loc}: {e}"))?;
+                    bail!("{loc}: truncated");
+                }
+                // Refill: keep the unread tail, read at least one more item.
+                buf.drain(..start);
+                start = 0;
+                let want = dec.max_item_len().max(FILE_HEADER_LEN).max(1 << 16);
+                let old = buf.len();
+                buf.resize(old + want, 0);
+                let n = read_some(&mut input, &mut buf[old..])
+                    .with_context(|| format!("reading {loc}"))?;
+                buf.truncate(old + n);
+                if n == 0 {
+                    eof = true;
+                }
+            }
+        }
+    }
+    // Nothing may follow the trailer.
+    let mut extra = [0u8; 1];
+    if start < buf.len() || read_some(&mut input, &mut extra)? > 0 {
+        bail!("{loc}: unexpected bytes after the trailer");
+    }
+    Ok(())
+}
+
+fn read_some(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match r.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Reads and checks only a file's header.
+pub fn read_header(storage: &dyn Storage, meta: &FileMeta) -> Result<FileHeader> {
+    let loc = storage.locate(meta);
+    let mut input = storage.open(meta)?;
+    let mut b = [0u8; FILE_HEADER_LEN];
+    if read_some(&mut input, &mut b).with_context(|| format!("reading {loc}"))? != b.len() {
+        bail!("{loc}: truncated header");
+    }
+    let h = FileHeader::decode(&b).map_err(|e| anyhow!("{loc}: {e}"))?;
+    if !meta.matches(&h) {
+        bail!("{loc}: the file's header does not match its name");
+    }
+    Ok(h)
+}

@@ -1,0 +1,1285 @@
+//! `replicate`: the capture loop of one database.
+//!
+//! One thread per database. The loop sleeps on inotify (the database's directory, filtered to
+//! its `-wal` file) and wakes within microseconds of a write; it scans the new WAL frames
+//! (checking SQLite's salts and cumulative checksums), groups them into whole transactions,
+//! and writes them as a segment to every target, durably, before the guard moves.
+//!
+//! ## Why nothing is lost to a checkpoint
+//! replited always holds a read transaction (the *guard*) on one of two connections. While a
+//! reader holds a WAL read mark, checkpoints cannot copy frames past it into the database and no
+//! writer can restart the WAL, so frames are never overwritten before replited read them. The
+//! guard moves in one order only: start a read transaction on the other connection, capture up
+//! to the end of the WAL, write everything captured durably, then end the old one. Whatever a
+//! later WAL restart may overwrite is therefore already durable. replited's own PASSIVE
+//! checkpoints run right after a move; a TRUNCATE checkpoint (when the WAL passes its bound)
+//! must release the guard briefly, so afterwards the database file is compared page by page with
+//! what replited tracked, and anything committed in that window is captured as one transaction.
+//!
+//! ## Start-up and continuity
+//! The latest stored file records the WAL position (salts, offset, cumulative checksum) and the
+//! whole-database checksum after its last transaction. At start-up, under SQLite's write lock
+//! for a moment, replited checks that the WAL still continues from that position; transactions
+//! committed while it was down are captured as one transaction. If the WAL was checkpointed and
+//! restarted meanwhile but the database is unchanged, the history simply continues; otherwise a
+//! new generation starts with a fresh snapshot. Nothing is lost either way.
+
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use replited_core::format::{self, Encoder, Event, FileHeader, Kind, TxnHeader};
+use replited_core::hash::{page_hash, DbHashes};
+use replited_core::name::FileMeta;
+use replited_core::plan;
+use replited_core::scan::{Frame, PageRef, WalPos, WalScanner, WalTxn};
+use replited_core::wal::{FrameHeader, WalHeader, FRAME_HEADER_LEN, WAL_HEADER_LEN};
+use rusqlite::Connection;
+
+use crate::config::{db_name, Compression, DbConfig, TargetParams};
+use crate::reader::{decode_file, read_header};
+use crate::shutdown::Shutdown;
+use crate::sqlite;
+use crate::storage::{FsStorage, ObjectWriter, Storage};
+use crate::walfile::{self, Resolved, WalFile};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A named backup target.
+pub struct Target {
+    /// `name` from the config.
+    pub name: String,
+    /// Where it writes.
+    pub storage: Box<dyn Storage>,
+}
+
+/// Builds the targets of a database from its config.
+pub fn targets(cfg: &DbConfig) -> Vec<Target> {
+    let name = db_name(&cfg.db);
+    cfg.replicate
+        .iter()
+        .map(|r| Target {
+            name: r.name.clone(),
+            storage: match &r.params {
+                TargetParams::Fs(p) => Box::new(FsStorage::new(&p.root, &name)) as Box<dyn Storage>,
+            },
+        })
+        .collect()
+}
+
+/// Where the pages of a captured transaction are.
+enum Pages {
+    /// Still in the WAL, read back (and checked against the hash taken at scan time) when the
+    /// segment is written.
+    Wal(Vec<PageRef>),
+    /// Already in memory.
+    Inline(Vec<(u32, Vec<u8>)>),
+}
+
+struct Captured {
+    header: TxnHeader,
+    pages: Pages,
+}
+
+struct OpenWal {
+    file: Box<dyn WalFile>,
+    dev: u64,
+    ino: u64,
+    /// Its length when last looked at (reads never ask past it).
+    len: u64,
+}
+
+/// What the latest stored file says about the history.
+#[derive(Clone, Copy, Debug)]
+struct Stored {
+    generation: u64,
+    txid: u64,
+    wal: Option<WalPos>,
+    db_checksum: u64,
+    page_size: u32,
+    page_count: u32,
+}
+
+/// Continuity with the WAL could not be established; the loop re-establishes it.
+#[derive(Debug, thiserror::Error)]
+#[error("WAL continuity lost: {0}")]
+struct ContinuityLost(String);
+
+/// The capture state of one database.
+pub struct Replicator {
+    cfg: DbConfig,
+    db_path: PathBuf,
+    wal_path: PathBuf,
+    wal_name: std::ffi::OsString,
+    targets: Vec<Target>,
+    io: Resolved,
+    compression: format::Compression,
+    /// Takes SQLite's write lock when the guard must land exactly on the WAL's end.
+    writer: Connection,
+    /// Runs checkpoints (a connection with an open transaction cannot).
+    ckpt: Connection,
+    guards: [Connection; 2],
+    active: Option<usize>,
+    wal: Option<OpenWal>,
+    /// inotify: the WAL file for writes, its directory for the WAL's creation and removal.
+    inotify: Option<Inotify>,
+    scanner: Option<WalScanner>,
+    hashes: DbHashes,
+    generation: u64,
+    /// Last captured txid (durable or in the batch).
+    txid: u64,
+    batch: Vec<Captured>,
+    batch_wal: Option<WalPos>,
+    batch_since: Option<Instant>,
+    files: Vec<FileMeta>,
+    last_progress: Instant,
+    last_snapshot: Instant,
+    last_checkpoint: Instant,
+    last_compaction: Instant,
+    last_retention: Instant,
+    failures: u32,
+    retry_at: Option<Instant>,
+    /// (WAL salt1, frames) when a checkpoint last found everything backfilled: nothing to do
+    /// until the WAL grows or restarts.
+    backfilled: Option<(u32, u64)>,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+const READ_FRAMES: usize = 256;
+const PAGE_BATCH: usize = 256;
+const FLUSH_BYTES: usize = 1 << 20;
+const PENDING_RECHECK: Duration = Duration::from_secs(1);
+const MAX_LEVEL: u32 = 3;
+const MERGE_AT: usize = 8;
+/// The periodic work runs at least this often, whatever wakes the loop.
+const IDLE_STEP: Duration = Duration::from_secs(1);
+/// inotify reads per wake-up (each returns up to 4 KiB of events).
+const DRAIN_READS: usize = 4;
+/// How long a checkpoint waits for SQLite's write lock before it is postponed to a later
+/// wake-up (capture goes on meanwhile).
+const LOCK_PATIENCE: Duration = Duration::from_millis(200);
+
+impl Replicator {
+    /// Opens the database and checks every target, without capturing yet.
+    pub fn open(cfg: DbConfig, io: Resolved) -> Result<Replicator> {
+        let db_path = cfg.db.clone();
+        if !db_path.exists() {
+            bail!("database {} does not exist", db_path.display());
+        }
+        let mut wal_name = db_path.file_name().expect("validated").to_os_string();
+        wal_name.push("-wal");
+        let wal_path = db_path.with_file_name(&wal_name);
+        let targets = targets(&cfg);
+        let writer = sqlite::open_locker(&db_path)?;
+        sqlite::ensure_wal(&writer, &db_path)?;
+        let ckpt = sqlite::open(&db_path, cfg.busy_timeout)?;
+        let guards = [
+            sqlite::open(&db_path, cfg.busy_timeout)?,
+            sqlite::open(&db_path, cfg.busy_timeout)?,
+        ];
+        let compression = match cfg.compression {
+            Compression::Lz4 => format::Compression::Lz4,
+            Compression::None => format::Compression::None,
+        };
+        let now = Instant::now();
+        Ok(Replicator {
+            db_path,
+            wal_path,
+            wal_name,
+            targets,
+            io,
+            compression,
+            writer,
+            ckpt,
+            guards,
+            active: None,
+            wal: None,
+            inotify: None,
+            scanner: None,
+            hashes: DbHashes::new(4096),
+            generation: 0,
+            txid: 0,
+            batch: Vec::new(),
+            batch_wal: None,
+            batch_since: None,
+            files: Vec::new(),
+            last_progress: now,
+            last_snapshot: now,
+            last_checkpoint: now,
+            last_compaction: now,
+            last_retention: now,
+            failures: 0,
+            retry_at: None,
+            backfilled: None,
+            buf: Vec::new(),
+            out: Vec::new(),
+            cfg,
+        })
+    }
+
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("db", db = %self.db_path.display())
+    }
+
+    /// Runs until `shutdown` fires; then writes out everything captured and returns.
+    pub fn run(mut self, shutdown: &Shutdown) -> Result<()> {
+        let span = self.span();
+        let _e = span.enter();
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        let dir = db_dir(&self.db_path);
+        inotify
+            .add_watch(
+                &dir,
+                AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_DELETE,
+            )
+            .with_context(|| format!("watching {} with inotify", dir.display()))?;
+        self.inotify = Some(inotify);
+        self.establish()?;
+        tracing::info!(
+            generation = self.generation,
+            txid = self.txid,
+            io = self.io.name(),
+            "capturing {} to {}",
+            self.wal_path.display(),
+            self.targets
+                .iter()
+                .map(|t| t.storage.describe())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut last_step = Instant::now();
+        loop {
+            if shutdown.requested() {
+                break;
+            }
+            let timeout = self.next_deadline();
+            let fds_ready;
+            {
+                let inotify = self.inotify.as_ref().expect("set above");
+                let mut fds = [
+                    PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(shutdown.fd(), PollFlags::POLLIN),
+                ];
+                let ms = timeout.as_millis().min(u16::MAX as u128) as u16;
+                fds_ready = match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
+                    Ok(n) => n,
+                    Err(nix::errno::Errno::EINTR) => 1,
+                    Err(e) => return Err(e.into()),
+                };
+            }
+            // Drain events: a write to the WAL, or a timeout, means "look"; writes to other
+            // files in the directory (the database itself, -shm, the app's logs) do not.
+            // A bounded drain: under a steady load events keep arriving, and capture reads to
+            // the end of the WAL whatever woke it. Events for the WAL itself carry no name; the
+            // directory's do, and only the WAL's creation or removal matters.
+            let mut woke = fds_ready == 0;
+            let inotify = self.inotify.as_ref().expect("set above");
+            for _ in 0..DRAIN_READS {
+                match inotify.read_events() {
+                    Ok(events) if !events.is_empty() => {
+                        woke |= events.iter().any(|e| match &e.name {
+                            None => true,
+                            Some(n) => n.as_os_str() == self.wal_name.as_os_str(),
+                        });
+                    }
+                    _ => break,
+                }
+            }
+            if !woke
+                && self.batch_since.is_none()
+                && self.retry_at.is_none()
+                && last_step.elapsed() < IDLE_STEP
+            {
+                continue;
+            }
+            last_step = Instant::now();
+            if let Err(e) = self.step() {
+                self.fail(e);
+            }
+        }
+        tracing::info!("shutting down: writing out everything captured");
+        let mut last = Ok(());
+        for _ in 0..3 {
+            last = self.capture().and_then(|_| self.write_batch());
+            if last.is_ok() {
+                break;
+            }
+        }
+        last.context("writing out the last captured transactions at shutdown")?;
+        for g in &self.guards {
+            sqlite::end_txn(g);
+        }
+        tracing::info!(
+            generation = self.generation,
+            txid = self.txid,
+            "stopped with everything captured written"
+        );
+        Ok(())
+    }
+
+    fn fail(&mut self, e: anyhow::Error) {
+        self.failures += 1;
+        let backoff = Duration::from_millis(100 * (1u64 << self.failures.min(8)))
+            .min(Duration::from_secs(30));
+        tracing::error!(
+            generation = self.generation,
+            txid = self.txid,
+            "{e:#}; retrying in {backoff:?}"
+        );
+        self.retry_at = Some(Instant::now() + backoff);
+    }
+
+    fn next_deadline(&self) -> Duration {
+        let now = Instant::now();
+        let mut d = Duration::from_secs(1);
+        if let Some(at) = self.retry_at {
+            d = d.min(at.saturating_duration_since(now));
+        }
+        if let Some(since) = self.batch_since {
+            d = d.min((since + self.cfg.sync_interval).saturating_duration_since(now));
+        }
+        d
+    }
+
+    /// One wake-up: capture, write when due, then the periodic work.
+    fn step(&mut self) -> Result<()> {
+        if let Some(at) = self.retry_at {
+            if Instant::now() < at {
+                return Ok(());
+            }
+        }
+        match self.capture() {
+            Ok(()) => {}
+            Err(e) if e.is::<ContinuityLost>() => {
+                tracing::warn!("{e}; re-establishing");
+                self.write_batch()?;
+                self.establish()?;
+            }
+            Err(e) => return Err(e),
+        }
+        if let Some(since) = self.batch_since {
+            if since.elapsed() >= self.cfg.sync_interval {
+                self.sync()?;
+            }
+        }
+        let frames = self.scanner.as_ref().map_or(0, |s| s.frames_committed());
+        let wal_state = self
+            .scanner
+            .as_ref()
+            .map(|s| (s.header().salt1, s.frames_committed()));
+        if wal_state.is_some() && wal_state == self.backfilled {
+            // Already checkpointed; the app's next write restarts the WAL.
+        } else if frames >= self.cfg.max_checkpoint_page_count {
+            self.checkpoint(true)?;
+        } else if frames >= self.cfg.min_checkpoint_page_count
+            || (frames > 0 && self.last_checkpoint.elapsed() >= self.cfg.checkpoint_interval)
+        {
+            self.checkpoint(false)?;
+        }
+        if self.last_snapshot.elapsed() >= self.cfg.snapshot_interval {
+            self.snapshot()?;
+        }
+        if self.last_compaction.elapsed() >= self.cfg.compaction_interval {
+            self.compact()?;
+        }
+        if self.last_retention.elapsed() >= self.cfg.retention_check_interval {
+            self.retention()?;
+        }
+        self.failures = 0;
+        self.retry_at = None;
+        Ok(())
+    }
+
+    // ---- WAL access ------------------------------------------------------------------------
+
+    /// Makes `self.wal` the file currently at the WAL's path (or None when there is none).
+    fn refresh_wal(&mut self) -> Result<()> {
+        match std::fs::metadata(&self.wal_path) {
+            Ok(m) => {
+                let same = self
+                    .wal
+                    .as_ref()
+                    .is_some_and(|w| w.dev == m.dev() && w.ino == m.ino());
+                if let Some(w) = self.wal.as_mut().filter(|_| same) {
+                    w.len = m.len();
+                }
+                if !same {
+                    let file = walfile::open(self.io, &self.wal_path)
+                        .with_context(|| format!("opening {}", self.wal_path.display()))?;
+                    self.wal = Some(OpenWal {
+                        file,
+                        dev: m.dev(),
+                        ino: m.ino(),
+                        len: m.len(),
+                    });
+                    if let Some(i) = &self.inotify {
+                        i.add_watch(&self.wal_path, AddWatchFlags::IN_MODIFY)
+                            .with_context(|| {
+                                format!("watching {} with inotify", self.wal_path.display())
+                            })?;
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.wal = None,
+            Err(e) => return Err(e).with_context(|| format!("{}", self.wal_path.display())),
+        }
+        Ok(())
+    }
+
+    fn read_wal_header(&mut self) -> Result<Option<WalHeader>> {
+        let Some(w) = self.wal.as_mut() else {
+            return Ok(None);
+        };
+        let mut b = [0u8; WAL_HEADER_LEN];
+        if w.file.read_at(&mut b, 0)? < WAL_HEADER_LEN {
+            return Ok(None);
+        }
+        Ok(WalHeader::decode(&b).ok())
+    }
+
+    /// Scans from the scanner's position to the end of the valid log, handing each committed
+    /// transaction to `on_commit`.
+    fn scan(&mut self, mut on_commit: impl FnMut(&mut Self, WalTxn)) -> Result<()> {
+        loop {
+            let Some(sc) = self.scanner.as_ref() else {
+                return Ok(());
+            };
+            let flen = sc.frame_len();
+            let off = sc.next_offset();
+            let w = self.wal.as_mut().expect("a scanner implies an open WAL");
+            let avail = w.len.saturating_sub(off) as usize / flen;
+            if avail == 0 {
+                break;
+            }
+            let want = avail.min(READ_FRAMES);
+            self.buf.resize(flen * want, 0);
+            let n = w.file.read_at(&mut self.buf, off)?;
+            let whole = n / flen;
+            let mut ended = false;
+            let mut i = 0;
+            while i < whole {
+                let frame = &self.buf[i * flen..(i + 1) * flen];
+                match self.scanner.as_mut().expect("checked").handle_frame(frame) {
+                    Frame::Pending => self.last_progress = Instant::now(),
+                    Frame::Commit(txn) => {
+                        self.last_progress = Instant::now();
+                        on_commit(self, txn);
+                    }
+                    Frame::End(_) => {
+                        ended = true;
+                        break;
+                    }
+                }
+                i += 1;
+            }
+            if ended || whole < want {
+                break;
+            }
+        }
+        // A transaction whose frames stopped arriving may have been rolled back after spilling
+        // to the WAL and overwritten by a shorter one: look again from the last commit.
+        if let Some(sc) = self.scanner.as_ref() {
+            if sc.has_pending() && self.last_progress.elapsed() >= PENDING_RECHECK {
+                let (h, at) = (*sc.header(), sc.committed());
+                self.scanner = Some(WalScanner::resume(&h, at).map_err(|e| anyhow!("{e}"))?);
+                self.last_progress = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every new committed transaction into the batch.
+    fn capture(&mut self) -> Result<()> {
+        self.refresh_wal()?;
+        let header = self.read_wal_header()?;
+        match (&self.scanner, header) {
+            (_, None) => {
+                // No WAL, or one being created: nothing committed to read.
+                if self.wal.is_none() && self.scanner.is_some() {
+                    return Err(ContinuityLost(format!(
+                        "{} disappeared while replited held a read transaction",
+                        self.wal_path.display()
+                    ))
+                    .into());
+                }
+                return Ok(());
+            }
+            (None, Some(h)) => {
+                // A new WAL after an empty one (or after our own TRUNCATE): our guard kept it
+                // from being checkpointed, so it starts right where we are.
+                self.check_page_size(&h)?;
+                self.scanner = Some(WalScanner::new(&h));
+            }
+            (Some(sc), Some(h)) => {
+                let old = *sc.header();
+                if (h.salt1, h.salt2) != (old.salt1, old.salt2) {
+                    // SQLite restarted the WAL. A restart needs every frame checkpointed and no
+                    // reader inside the WAL, which our guard allows only once all frames up to
+                    // its mark are durable: the new WAL continues our history.
+                    if h.salt1 != old.salt1.wrapping_add(1) {
+                        return Err(ContinuityLost(format!(
+                            "WAL salt jumped from {:#x} to {:#x}",
+                            old.salt1, h.salt1
+                        ))
+                        .into());
+                    }
+                    if sc.next_offset() > sc.committed().offset && sc.has_pending() {
+                        tracing::debug!(
+                            "dropping frames of a transaction the WAL restart discarded"
+                        );
+                    }
+                    self.check_page_size(&h)?;
+                    tracing::debug!(salt1 = h.salt1, "WAL restarted");
+                    self.scanner = Some(WalScanner::new(&h));
+                }
+            }
+        }
+        self.scan(|me, txn| me.add_txn(txn))
+    }
+
+    fn check_page_size(&self, h: &WalHeader) -> Result<()> {
+        if h.page_size != self.hashes.page_size() {
+            return Err(ContinuityLost(format!(
+                "page size changed from {} to {}",
+                self.hashes.page_size(),
+                h.page_size
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    fn add_txn(&mut self, mut txn: WalTxn) {
+        txn.pages.retain(|p| p.pgno <= txn.db_pages);
+        for p in &txn.pages {
+            self.hashes.set(p.pgno, p.hash);
+        }
+        self.hashes.set_page_count(txn.db_pages);
+        self.txid += 1;
+        let header = TxnHeader {
+            txid: self.txid,
+            time_ms: now_ms(),
+            db_pages: txn.db_pages,
+            page_count: txn.pages.len() as u32,
+            db_checksum: self.hashes.checksum(),
+        };
+        tracing::trace!(txid = self.txid, pages = txn.pages.len(), "captured");
+        self.batch.push(Captured {
+            header,
+            pages: Pages::Wal(txn.pages),
+        });
+        self.batch_wal = Some(txn.end);
+        self.batch_since.get_or_insert_with(Instant::now);
+    }
+
+    // ---- the guard -------------------------------------------------------------------------
+
+    /// Moves the guard forward: a read transaction on the other connection, capture up to the
+    /// end, everything durable, then the old read transaction ends.
+    fn sync(&mut self) -> Result<()> {
+        let next = match self.active {
+            Some(a) => 1 - a,
+            None => 0,
+        };
+        sqlite::begin_read(&self.guards[next])?;
+        let r = self.capture().and_then(|_| self.write_batch());
+        if let Err(e) = r {
+            sqlite::end_txn(&self.guards[next]);
+            return Err(e);
+        }
+        if let Some(a) = self.active {
+            sqlite::end_txn(&self.guards[a]);
+        }
+        self.active = Some(next);
+        Ok(())
+    }
+
+    /// Like `sync`, but under SQLite's write lock, so the guard's snapshot is exactly the
+    /// position of the last captured transaction.
+    fn sync_exact(&mut self) -> Result<()> {
+        sqlite::lock_writes(&self.writer, self.cfg.busy_timeout)?;
+        let r = self.sync();
+        sqlite::end_txn(&self.writer);
+        r
+    }
+
+    fn guard(&self) -> &Connection {
+        &self.guards[self.active.expect("a guard is held")]
+    }
+
+    // ---- writing ---------------------------------------------------------------------------
+
+    fn header_for(
+        &self,
+        kind: Kind,
+        level: u32,
+        first: &TxnHeader,
+        last: &TxnHeader,
+        wal: Option<WalPos>,
+    ) -> FileHeader {
+        FileHeader {
+            kind,
+            compression: self.compression,
+            page_size: self.hashes.page_size(),
+            level,
+            generation: self.generation,
+            first_txid: first.txid,
+            last_txid: last.txid,
+            first_time_ms: first.time_ms,
+            last_time_ms: last.time_ms,
+            wal,
+            db_checksum: last.db_checksum,
+            db_pages: last.db_pages,
+        }
+    }
+
+    /// Writes the batch as one segment to every target, durably.
+    fn write_batch(&mut self) -> Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let first = self.batch[0].header;
+        let last = self.batch[self.batch.len() - 1].header;
+        let header = self.header_for(Kind::Segment, 0, &first, &last, self.batch_wal);
+        let meta = FileMeta::from_header(&header);
+        let mut sink = Sink::create(&self.targets, &meta)?;
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        let r = (|| -> Result<()> {
+            let mut enc = Encoder::new(&header, &mut out)?;
+            let ps = self.hashes.page_size() as usize;
+            let mut data = Vec::new();
+            for c in &self.batch {
+                enc.begin_txn(&c.header, &mut out)?;
+                match &c.pages {
+                    Pages::Inline(pages) => {
+                        for (pgno, d) in pages {
+                            enc.page(*pgno, d, &mut out)?;
+                        }
+                    }
+                    Pages::Wal(refs) => {
+                        let w = self
+                            .wal
+                            .as_mut()
+                            .ok_or_else(|| anyhow!("WAL closed before its pages were written"))?;
+                        for chunk in refs.chunks(PAGE_BATCH) {
+                            let offsets: Vec<u64> = chunk.iter().map(|p| p.offset).collect();
+                            w.file.read_many(&offsets, ps, &mut data)?;
+                            for (i, p) in chunk.iter().enumerate() {
+                                let page = &data[i * ps..(i + 1) * ps];
+                                if page_hash(p.pgno, page) != p.hash {
+                                    return Err(ContinuityLost(format!(
+                                        "page {} changed in the WAL at offset {} after it was scanned",
+                                        p.pgno, p.offset
+                                    ))
+                                    .into());
+                                }
+                                enc.page(p.pgno, page, &mut out)?;
+                            }
+                        }
+                    }
+                }
+                if out.len() >= FLUSH_BYTES {
+                    sink.write(&out)?;
+                    out.clear();
+                }
+            }
+            enc.finish(&mut out)?;
+            sink.write(&out)?;
+            Ok(())
+        })();
+        self.out = out;
+        r?;
+        sink.commit()?;
+        tracing::debug!(
+            generation = self.generation,
+            txid = last.txid,
+            first = first.txid,
+            "segment written"
+        );
+        self.files.push(meta);
+        self.batch.clear();
+        self.batch_wal = None;
+        self.batch_since = None;
+        Ok(())
+    }
+
+    /// Writes a snapshot of what the guard sees, which must be exactly the state after
+    /// `self.txid` (as `self.hashes` says); every page is checked against the tracked hashes.
+    fn write_snapshot(&mut self, wal: Option<WalPos>) -> Result<()> {
+        let txn = TxnHeader {
+            txid: self.txid,
+            time_ms: now_ms(),
+            db_pages: self.hashes.page_count(),
+            page_count: self.hashes.page_count(),
+            db_checksum: self.hashes.checksum(),
+        };
+        let header = self.header_for(Kind::Snapshot, 0, &txn, &txn, wal);
+        let meta = FileMeta::from_header(&header);
+        let mut sink = Sink::create(&self.targets, &meta)?;
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        let hashes = &self.hashes;
+        let guard = &self.guards[self.active.expect("a guard is held")];
+        let r = (|| -> Result<()> {
+            let mut enc = Encoder::new(&header, &mut out)?;
+            enc.begin_txn(&txn, &mut out)?;
+            sqlite::for_each_page(guard, |pgno, data| {
+                if hashes.get(pgno) != Some(page_hash(pgno, data)) {
+                    bail!("page {pgno} differs from the tracked state; the snapshot is abandoned");
+                }
+                enc.page(pgno, data, &mut out)?;
+                if out.len() >= FLUSH_BYTES {
+                    sink.write(&out)?;
+                    out.clear();
+                }
+                Ok(())
+            })?;
+            enc.finish(&mut out)?;
+            sink.write(&out)?;
+            Ok(())
+        })();
+        self.out = out;
+        r?;
+        sink.commit()?;
+        tracing::info!(
+            generation = self.generation,
+            txid = self.txid,
+            pages = txn.db_pages,
+            "snapshot written"
+        );
+        self.files.push(meta);
+        self.last_snapshot = Instant::now();
+        Ok(())
+    }
+
+    // ---- start-up --------------------------------------------------------------------------
+
+    /// Reconciles the targets and reads what the latest stored file says.
+    fn stored(&mut self) -> Result<Option<Stored>> {
+        let mut lists = Vec::new();
+        for t in &self.targets {
+            lists.push(t.storage.list().with_context(|| t.storage.describe())?);
+        }
+        // The most advanced target leads; the others get what they miss of its generation.
+        let key = |l: &Vec<FileMeta>| l.iter().map(|m| (m.generation, m.last_txid)).max();
+        let lead = (0..lists.len())
+            .max_by_key(|&i| key(&lists[i]))
+            .unwrap_or(0);
+        for i in 0..lists.len() {
+            if i == lead || key(&lists[i]) == key(&lists[lead]) {
+                continue;
+            }
+            let Some((g, _)) = key(&lists[lead]) else {
+                continue;
+            };
+            let missing: Vec<FileMeta> = lists[lead]
+                .iter()
+                .filter(|m| m.generation == g && !lists[i].contains(m))
+                .copied()
+                .collect();
+            tracing::info!(
+                target = %self.targets[i].name,
+                files = missing.len(),
+                "copying files the target missed from {}",
+                self.targets[lead].name
+            );
+            for m in &missing {
+                copy_file(&*self.targets[lead].storage, &*self.targets[i].storage, m)?;
+            }
+        }
+        self.files = std::mem::take(&mut lists[lead]);
+        self.files
+            .sort_by_key(|m| (m.generation, m.first_txid, m.last_txid));
+        let Some(latest) = self
+            .files
+            .iter()
+            .max_by_key(|m| (m.generation, m.last_txid, m.is_segment()))
+            .copied()
+        else {
+            return Ok(None);
+        };
+        let h = match read_header(&*self.targets[lead].storage, &latest) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("{e:#}: starting a new generation");
+                return Ok(Some(Stored {
+                    generation: latest.generation,
+                    txid: self.max_txid(),
+                    wal: None,
+                    db_checksum: 0,
+                    page_size: 0,
+                    page_count: 0,
+                }));
+            }
+        };
+        if let Some(s) = self
+            .files
+            .iter()
+            .filter(|m| m.is_snapshot())
+            .max_by_key(|m| m.last_txid)
+        {
+            let age = now_ms().saturating_sub(s.last_time_ms);
+            self.last_snapshot = Instant::now()
+                .checked_sub(Duration::from_millis(age))
+                .unwrap_or_else(Instant::now);
+        }
+        Ok(Some(Stored {
+            generation: h.generation,
+            txid: h.last_txid,
+            wal: h.wal,
+            db_checksum: h.db_checksum,
+            page_size: h.page_size,
+            page_count: h.db_pages,
+        }))
+    }
+
+    fn max_txid(&self) -> u64 {
+        self.files.iter().map(|m| m.last_txid).max().unwrap_or(0)
+    }
+
+    /// Establishes where capture continues from; see the module docs.
+    fn establish(&mut self) -> Result<()> {
+        self.write_batch()?;
+        for g in &self.guards {
+            sqlite::end_txn(g);
+        }
+        self.active = None;
+        self.scanner = None;
+        let stored = self.stored()?;
+
+        sqlite::lock_writes(&self.writer, self.cfg.busy_timeout * 4)?;
+        let locked = (|| -> Result<(bool, Vec<WalTxn>)> {
+            self.refresh_wal()?;
+            let header = self.read_wal_header()?;
+            let mut chain = false;
+            let mut range = Vec::new();
+            if let (Some(h), Some(st)) = (header, stored) {
+                if let Some(at) = st.wal {
+                    if self.wal_continues(&h, &at)? {
+                        chain = true;
+                        self.hashes = DbHashes::new(h.page_size);
+                        self.scanner =
+                            Some(WalScanner::resume(&h, at).map_err(|e| anyhow!("{e}"))?);
+                        let mut txns = Vec::new();
+                        self.scan(|_, t| txns.push(t))?;
+                        range = txns;
+                    }
+                }
+            }
+            if !chain {
+                if let Some(h) = header {
+                    self.scanner = Some(WalScanner::new(&h));
+                    self.scan(|_, _| {})?;
+                }
+            }
+            sqlite::begin_read(&self.guards[0])?;
+            self.active = Some(0);
+            Ok((chain, range))
+        })();
+        sqlite::end_txn(&self.writer);
+        let (chain, range) = locked?;
+
+        // Everything below reads the database as the guard sees it: exactly the WAL's end.
+        self.hashes = sqlite::db_hashes(self.guard())?;
+        if let Some(sc) = &self.scanner {
+            if sc.header().page_size != self.hashes.page_size() {
+                bail!(
+                    "the WAL's page size {} differs from the database's {}",
+                    sc.header().page_size,
+                    self.hashes.page_size()
+                );
+            }
+        }
+        let wal_pos = self.scanner.as_ref().map(|s| s.committed());
+        let Some(st) = stored else {
+            return self.new_generation(1, 1, "no backup exists yet", wal_pos);
+        };
+        let same_content = st.page_size == self.hashes.page_size()
+            && st.page_count == self.hashes.page_count()
+            && st.db_checksum == self.hashes.checksum();
+        self.generation = st.generation;
+        self.txid = st.txid;
+        if chain && range.is_empty() && same_content {
+            tracing::info!("resuming: the WAL continues exactly where the backup ends");
+            return Ok(());
+        }
+        let shrank = range.windows(2).any(|w| w[1].db_pages < w[0].db_pages)
+            || range.first().is_some_and(|t| t.db_pages < st.page_count);
+        if chain && !range.is_empty() && !shrank && st.page_size == self.hashes.page_size() {
+            // Transactions committed while replited was down, still in the WAL: captured as one.
+            let mut pages = std::collections::BTreeMap::new();
+            let db_pages = range.last().expect("non-empty").db_pages;
+            let end = range.last().expect("non-empty").end;
+            for t in &range {
+                for p in &t.pages {
+                    pages.insert(p.pgno, *p);
+                }
+            }
+            let refs: Vec<PageRef> = pages.into_values().filter(|p| p.pgno <= db_pages).collect();
+            for p in &refs {
+                if self.hashes.get(p.pgno) != Some(p.hash) {
+                    bail!("page {} in the WAL disagrees with the database", p.pgno);
+                }
+            }
+            tracing::info!(
+                transactions = range.len(),
+                "resuming: capturing the transactions committed while replited was stopped as one"
+            );
+            self.txid += 1;
+            self.batch.push(Captured {
+                header: TxnHeader {
+                    txid: self.txid,
+                    time_ms: now_ms(),
+                    db_pages,
+                    page_count: refs.len() as u32,
+                    db_checksum: self.hashes.checksum(),
+                },
+                pages: Pages::Wal(refs),
+            });
+            self.batch_wal = Some(end);
+            return self.write_batch();
+        }
+        if same_content {
+            tracing::info!(
+                "resuming: the WAL was checkpointed meanwhile but the database is unchanged"
+            );
+            return Ok(());
+        }
+        let why = if chain {
+            "the database shrank while replited was stopped"
+        } else {
+            "the WAL was checkpointed or replaced while replited was stopped"
+        };
+        let next = self.max_txid().max(st.txid) + 1;
+        self.new_generation(st.generation + 1, next, why, wal_pos)
+    }
+
+    fn new_generation(
+        &mut self,
+        generation: u64,
+        txid: u64,
+        why: &str,
+        wal: Option<WalPos>,
+    ) -> Result<()> {
+        tracing::info!(generation, txid, "starting a new generation: {why}");
+        self.generation = generation;
+        self.txid = txid;
+        self.write_snapshot(wal)
+    }
+
+    /// True when the WAL still holds the frame chain that ended at `at`.
+    fn wal_continues(&mut self, h: &WalHeader, at: &WalPos) -> Result<bool> {
+        if (h.salt1, h.salt2) != (at.salt1, at.salt2) {
+            return Ok(false);
+        }
+        let flen = h.frame_len() as u64;
+        if at.offset == WAL_HEADER_LEN as u64 {
+            return Ok(h.checksum == at.checksum);
+        }
+        if at.offset < WAL_HEADER_LEN as u64 + flen
+            || (at.offset - WAL_HEADER_LEN as u64) % flen != 0
+        {
+            return Ok(false);
+        }
+        let mut fh = [0u8; FRAME_HEADER_LEN];
+        let w = self.wal.as_mut().expect("header read implies open");
+        if w.file.read_at(&mut fh, at.offset - flen)? < FRAME_HEADER_LEN {
+            return Ok(false);
+        }
+        let f = FrameHeader::decode(&fh);
+        Ok(f.salt1 == at.salt1
+            && f.salt2 == at.salt2
+            && f.checksum == at.checksum
+            && f.commit_db_size > 0)
+    }
+
+    // ---- periodic work ---------------------------------------------------------------------
+
+    fn checkpoint(&mut self, truncate: bool) -> Result<()> {
+        self.last_checkpoint = Instant::now();
+        if !truncate {
+            // Under the write lock no commit can land, so once everything captured is durable
+            // the checkpoint can copy the whole WAL, and a guard started afterwards reads
+            // without the WAL: the app's next write then restarts it from the beginning.
+            if let Err(e) = sqlite::lock_writes(&self.writer, LOCK_PATIENCE) {
+                tracing::debug!("checkpoint postponed: {e:#}");
+                return Ok(());
+            }
+            let r = (|| -> Result<()> {
+                self.sync()?;
+                let (busy, log, done) = sqlite::checkpoint(&self.ckpt, "PASSIVE")?;
+                tracing::debug!(busy, log, done, "PASSIVE checkpoint");
+                if log > 0 && log == done {
+                    self.sync()?;
+                    self.backfilled = self
+                        .scanner
+                        .as_ref()
+                        .map(|s| (s.header().salt1, s.frames_committed()));
+                }
+                Ok(())
+            })();
+            sqlite::end_txn(&self.writer);
+            return r;
+        }
+        self.sync_exact()?;
+        let salts = self
+            .scanner
+            .as_ref()
+            .map(|s| (s.header().salt1, s.header().salt2));
+        for g in &self.guards {
+            sqlite::end_txn(g);
+        }
+        self.active = None;
+        let r = sqlite::checkpoint(&self.ckpt, "TRUNCATE");
+        sqlite::begin_read(&self.guards[0])?;
+        self.active = Some(0);
+        let (busy, _, _) = r?;
+        tracing::debug!(busy, "TRUNCATE checkpoint");
+        if busy != 0 {
+            // Not truncated. If the WAL restarted while no guard was held, frames may be gone.
+            self.refresh_wal()?;
+            let now = self.read_wal_header()?.map(|h| (h.salt1, h.salt2));
+            if now != salts {
+                return Err(ContinuityLost("the WAL restarted during a checkpoint".into()).into());
+            }
+            return Ok(());
+        }
+        // The WAL is empty (or a new one has begun): the database file holds everything.
+        // Anything committed between our capture and the checkpoint is only there now.
+        self.scanner = None;
+        self.capture_db_file_changes()
+    }
+
+    /// Compares the database file page by page with the tracked hashes and captures any
+    /// difference as one transaction.
+    fn capture_db_file_changes(&mut self) -> Result<()> {
+        let f = std::fs::File::open(&self.db_path)?;
+        let ps = self.hashes.page_size() as usize;
+        let pages = (f.metadata()?.len() / ps as u64) as u32;
+        let mut changed = Vec::new();
+        let mut page = vec![0u8; ps];
+        let mut hashes = self.hashes.clone();
+        for pgno in 1..=pages {
+            f.read_exact_at(&mut page, (pgno as u64 - 1) * ps as u64)?;
+            let h = page_hash(pgno, &page);
+            if self.hashes.get(pgno) != Some(h) {
+                hashes.set(pgno, h);
+                changed.push((pgno, page.clone()));
+            }
+        }
+        hashes.set_page_count(pages);
+        if changed.is_empty() && pages == self.hashes.page_count() {
+            return Ok(());
+        }
+        tracing::warn!(
+            pages = changed.len(),
+            "transactions committed during a TRUNCATE checkpoint are captured as one"
+        );
+        self.hashes = hashes;
+        self.txid += 1;
+        self.batch.push(Captured {
+            header: TxnHeader {
+                txid: self.txid,
+                time_ms: now_ms(),
+                db_pages: pages,
+                page_count: changed.len() as u32,
+                db_checksum: self.hashes.checksum(),
+            },
+            pages: Pages::Inline(changed),
+        });
+        self.batch_wal = None;
+        self.write_batch()
+    }
+
+    fn snapshot(&mut self) -> Result<()> {
+        self.sync_exact()?;
+        let wal = self.scanner.as_ref().map(|s| s.committed());
+        self.write_snapshot(wal)
+    }
+
+    /// Merges runs of small segments into larger ones, level by level.
+    fn compact(&mut self) -> Result<()> {
+        self.last_compaction = Instant::now();
+        for level in 0..MAX_LEVEL {
+            let min = if level == 0 { 2 } else { MERGE_AT };
+            let Some(run) = plan::plan_compaction(&self.files, self.generation, level, min) else {
+                continue;
+            };
+            let inputs: Vec<FileMeta> = run.iter().map(|&i| self.files[i]).collect();
+            let merged = self.merge(&inputs, level + 1)?;
+            for t in &self.targets {
+                t.storage.delete(&inputs)?;
+            }
+            self.files.retain(|m| !inputs.contains(m));
+            self.files.push(merged);
+            tracing::debug!(level = level + 1, files = inputs.len(), "segments merged");
+        }
+        Ok(())
+    }
+
+    fn merge(&mut self, inputs: &[FileMeta], level: u32) -> Result<FileMeta> {
+        let src = &*self.targets[0].storage;
+        let first = read_header(src, &inputs[0])?;
+        let last = read_header(src, &inputs[inputs.len() - 1])?;
+        let mut header = last;
+        header.level = level;
+        header.first_txid = first.first_txid;
+        header.first_time_ms = first.first_time_ms;
+        header.compression = self.compression;
+        let meta = FileMeta::from_header(&header);
+        let mut sink = Sink::create(&self.targets, &meta)?;
+        let mut out = Vec::new();
+        let mut enc = Encoder::new(&header, &mut out)?;
+        for m in inputs {
+            decode_file(src, m, |ev, dec| {
+                match ev {
+                    Event::Txn(t) => enc.begin_txn(t, &mut out)?,
+                    Event::Page(pgno) => enc.page(*pgno, dec.page(), &mut out)?,
+                    Event::Header(_) | Event::End => {}
+                }
+                if out.len() >= FLUSH_BYTES {
+                    sink.write(&out)?;
+                    out.clear();
+                }
+                Ok(true)
+            })?;
+        }
+        enc.finish(&mut out)?;
+        sink.write(&out)?;
+        sink.commit()?;
+        Ok(meta)
+    }
+
+    fn retention(&mut self) -> Result<()> {
+        self.last_retention = Instant::now();
+        let doomed: Vec<FileMeta> =
+            plan::plan_retention(&self.files, now_ms(), self.cfg.retention.as_millis() as u64)
+                .into_iter()
+                .map(|i| self.files[i])
+                .collect();
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        for t in &self.targets {
+            t.storage.delete(&doomed)?;
+        }
+        self.files.retain(|m| !doomed.contains(m));
+        tracing::info!(
+            files = doomed.len(),
+            "retention deleted files older than {:?}",
+            self.cfg.retention
+        );
+        Ok(())
+    }
+}
+
+/// Copies one stored file between targets, checking it on the way.
+fn copy_file(from: &dyn Storage, to: &dyn Storage, meta: &FileMeta) -> Result<()> {
+    // Decode to check every byte, then copy the raw bytes.
+    decode_file(from, meta, |_, _| Ok(false))?;
+    let mut r = from.open(meta)?;
+    let mut w = to.create(meta)?;
+    std::io::copy(&mut r, &mut w)?;
+    w.commit()?;
+    Ok(())
+}
+
+/// One file being written to every target at once.
+struct Sink {
+    writers: Vec<(String, Box<dyn ObjectWriter>)>,
+}
+
+impl Sink {
+    fn create(targets: &[Target], meta: &FileMeta) -> Result<Sink> {
+        let mut writers = Vec::with_capacity(targets.len());
+        for t in targets {
+            writers.push((
+                t.storage.locate(meta),
+                t.storage
+                    .create(meta)
+                    .with_context(|| format!("replicate \"{}\"", t.name))?,
+            ));
+        }
+        Ok(Sink { writers })
+    }
+
+    fn write(&mut self, b: &[u8]) -> Result<()> {
+        for (loc, w) in &mut self.writers {
+            w.write_all(b).with_context(|| format!("writing {loc}"))?;
+        }
+        Ok(())
+    }
+
+    fn commit(self) -> Result<()> {
+        for (loc, w) in self.writers {
+            w.commit().with_context(|| format!("writing {loc}"))?;
+        }
+        Ok(())
+    }
+}
+
+use std::io::Write as _;
+
+/// The directory holding the database (watched with inotify).
+pub fn db_dir(db: &Path) -> PathBuf {
+    match db.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Start-up checks that need no database: its directory exists and every target is writable.
+pub fn preflight(cfg: &DbConfig) -> Result<()> {
+    let dir = db_dir(&cfg.db);
+    if !dir.is_dir() {
+        bail!(
+            "db = \"{}\": directory {} does not exist",
+            cfg.db.display(),
+            dir.display()
+        );
+    }
+    for t in targets(cfg) {
+        t.storage
+            .check_writable()
+            .with_context(|| format!("replicate \"{}\" ({})", t.name, t.storage.describe()))?;
+    }
+    Ok(())
+}
+
+/// Waits until the database file exists (an app creates it on its first start). False when
+/// shutdown came first.
+pub fn wait_for_db(db: &Path, shutdown: &Shutdown) -> Result<bool> {
+    if db.exists() {
+        return Ok(true);
+    }
+    tracing::info!(db = %db.display(), "waiting for the database to be created");
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+    inotify.add_watch(
+        &db_dir(db),
+        AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO,
+    )?;
+    while !db.exists() {
+        if shutdown.requested() {
+            return Ok(false);
+        }
+        let mut fds = [
+            PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
+            PollFd::new(shutdown.fd(), PollFlags::POLLIN),
+        ];
+        let _ = nix::poll::poll(&mut fds, PollTimeout::from(1000u16));
+        let _ = inotify.read_events();
+    }
+    Ok(true)
+}

@@ -1,0 +1,311 @@
+//! `restore`: rebuilds a database from a snapshot and the segments after it, into a temporary
+//! file that is verified (the whole-database checksum after every transaction, then SQLite's
+//! integrity check) before it is renamed into place.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use replited_core::format::{Event, TxnHeader};
+use replited_core::hash::{page_hash, DbHashes};
+use replited_core::name::FileMeta;
+use replited_core::plan::{plan_restore, PlanError, RestorePlan, Target};
+
+use crate::reader::decode_file;
+use crate::sqlite;
+use crate::storage::{sync_dir, Storage};
+
+/// What to restore and where.
+pub struct RestoreOptions {
+    /// Latest, a txid or a time.
+    pub target: Target,
+    /// The file to create.
+    pub output: PathBuf,
+    /// Replace an existing output file.
+    pub force: bool,
+    /// Succeed without doing anything when the output already exists.
+    pub if_db_not_exists: bool,
+    /// Succeed without doing anything when there is no backup.
+    pub if_replica_exists: bool,
+}
+
+/// What a restore did.
+#[derive(Debug)]
+pub struct Restored {
+    /// The position reached.
+    pub generation: u64,
+    /// The last transaction applied.
+    pub txid: u64,
+    /// Its commit time.
+    pub time_ms: u64,
+    /// Size of the database.
+    pub bytes: u64,
+}
+
+/// Restores from the best of `sources` (the one whose plan reaches furthest).
+pub fn restore(sources: &[&dyn Storage], opts: &RestoreOptions) -> Result<Option<Restored>> {
+    if opts.output.exists() {
+        if opts.if_db_not_exists {
+            tracing::info!(
+                "{} already exists; nothing restored (--if-db-not-exists)",
+                opts.output.display()
+            );
+            return Ok(None);
+        }
+        if !opts.force {
+            bail!(
+                "{} already exists; pass --force to replace it, or -o to restore elsewhere",
+                opts.output.display()
+            );
+        }
+    }
+    let mut best: Option<(usize, Vec<FileMeta>, RestorePlan)> = None;
+    let mut first_err = None;
+    for (i, s) in sources.iter().enumerate() {
+        let files = s.list().with_context(|| s.describe())?;
+        match plan_restore(&files, opts.target) {
+            Ok(p) => {
+                if best
+                    .as_ref()
+                    .is_none_or(|(_, _, b)| p.last_txid > b.last_txid)
+                {
+                    best = Some((i, files, p));
+                }
+            }
+            Err(e) => {
+                first_err.get_or_insert((i, e));
+            }
+        }
+    }
+    let Some((i, files, plan)) = best else {
+        let (i, e) = first_err.expect("at least one source");
+        let at = sources[i].describe();
+        return match e {
+            PlanError::NoSnapshot if opts.if_replica_exists => {
+                tracing::info!("no backup in {at}; nothing restored (--if-replica-exists)");
+                Ok(None)
+            }
+            PlanError::NoSnapshot => bail!("NoSnapshotError: no snapshot found in {at}"),
+            e => bail!("{at}: {e}"),
+        };
+    };
+    let src = sources[i];
+    tracing::info!(
+        "restoring from {}: generation {:016x}, snapshot {:016x}, {} segment file(s), up to txid {:016x}",
+        src.describe(),
+        plan.generation,
+        files[plan.snapshot].last_txid,
+        plan.segments.len(),
+        plan.last_txid
+    );
+    let started = Instant::now();
+    let tmp = temp_path(&opts.output);
+    let r = build(src, &files, &plan, &tmp).and_then(|done| {
+        sqlite::integrity_check(&tmp).with_context(|| format!("checking {}", tmp.display()))?;
+        Ok(done)
+    });
+    let done = match r {
+        Ok(d) => d,
+        Err(e) => {
+            remove_db_files(&tmp);
+            return Err(e.context("restore failed; nothing was written"));
+        }
+    };
+    if let Some(t) = opts.target_txid() {
+        if done.txid != t {
+            remove_db_files(&tmp);
+            bail!(
+                "restore reached txid {:016x}, not the requested {t:016x}",
+                done.txid
+            );
+        }
+    }
+    // A -wal or -shm left by an older database at the output path would be replayed onto the
+    // new one: they go first.
+    for suffix in ["-wal", "-shm"] {
+        let mut p = opts.output.clone().into_os_string();
+        p.push(suffix);
+        let _ = fs::remove_file(PathBuf::from(p));
+    }
+    fs::rename(&tmp, &opts.output)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), opts.output.display()))?;
+    sync_dir(parent(&opts.output))?;
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "restored {} ({} bytes) to txid {:016x} in {:.3}s ({:.1} MB/s)",
+        opts.output.display(),
+        done.bytes,
+        done.txid,
+        secs,
+        done.bytes as f64 / 1e6 / secs.max(1e-9)
+    );
+    Ok(Some(done))
+}
+
+impl RestoreOptions {
+    fn target_txid(&self) -> Option<u64> {
+        match self.target {
+            Target::Txid(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
+fn parent(p: &Path) -> &Path {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+fn temp_path(out: &Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "db".into());
+    parent(out).join(format!(".{name}.replited-restore-{}", std::process::id()))
+}
+
+fn remove_db_files(p: &Path) {
+    let _ = fs::remove_file(p);
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut q = p.to_path_buf().into_os_string();
+        q.push(suffix);
+        let _ = fs::remove_file(PathBuf::from(q));
+    }
+}
+
+/// Applies the plan into `tmp`, checking the whole-database checksum after every transaction.
+fn build(
+    src: &dyn Storage,
+    files: &[FileMeta],
+    plan: &RestorePlan,
+    tmp: &Path,
+) -> Result<Restored> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let mut st = Apply {
+        file: &file,
+        hashes: None,
+        cur: None,
+        applying: false,
+        last: None,
+    };
+    let snap = &files[plan.snapshot];
+    decode_file(src, snap, |ev, dec| {
+        st.event(ev, dec.page(), u64::MAX, None)
+    })
+    .with_context(|| format!("applying snapshot {}", src.locate(snap)))?;
+    st.end_txn()
+        .map_err(|e| anyhow!("{}: {e}", src.locate(snap)))?;
+    for &i in &plan.segments {
+        let m = &files[i];
+        decode_file(src, m, |ev, dec| {
+            st.event(ev, dec.page(), plan.last_txid, plan.stop_time_ms)
+        })
+        .with_context(|| format!("applying segment {}", src.locate(m)))?;
+        st.end_txn()
+            .map_err(|e| anyhow!("{}: {e}", src.locate(m)))?;
+    }
+    let last = st
+        .last
+        .ok_or_else(|| anyhow!("the snapshot held no transaction"))?;
+    file.sync_all()?;
+    Ok(Restored {
+        generation: plan.generation,
+        txid: last.txid,
+        time_ms: last.time_ms,
+        bytes: file.metadata()?.len(),
+    })
+}
+
+struct Apply<'a> {
+    file: &'a File,
+    hashes: Option<DbHashes>,
+    /// The transaction being applied.
+    cur: Option<TxnHeader>,
+    /// Whether the pages that follow are applied (false for txids already applied or past the
+    /// target: they are still decoded, so the whole file is checked).
+    applying: bool,
+    last: Option<TxnHeader>,
+}
+
+impl Apply<'_> {
+    fn event(
+        &mut self,
+        ev: &Event,
+        page: &[u8],
+        stop_txid: u64,
+        stop_time: Option<u64>,
+    ) -> Result<bool> {
+        match ev {
+            Event::Header(h) => {
+                let hs = self
+                    .hashes
+                    .get_or_insert_with(|| DbHashes::new(h.page_size));
+                if hs.page_size() != h.page_size {
+                    bail!(
+                        "page size {} differs from the snapshot's {}",
+                        h.page_size,
+                        hs.page_size()
+                    );
+                }
+            }
+            Event::Txn(t) => {
+                self.end_txn()?;
+                let done = self.last.map_or(0, |l| l.txid);
+                let past = t.txid > stop_txid || stop_time.is_some_and(|s| t.time_ms > s);
+                if self.last.is_some() && t.txid > done + 1 && !past {
+                    bail!(
+                        "transaction {:016x} follows {:016x}: history has a gap",
+                        t.txid,
+                        done
+                    );
+                }
+                self.applying = t.txid > done && !past;
+                self.cur = Some(*t);
+            }
+            Event::Page(pgno) => {
+                if self.applying {
+                    let hs = self.hashes.as_mut().expect("header first");
+                    let ps = hs.page_size() as u64;
+                    self.file.write_all_at(page, (*pgno as u64 - 1) * ps)?;
+                    hs.set(*pgno, page_hash(*pgno, page));
+                }
+            }
+            Event::End => {}
+        }
+        Ok(true)
+    }
+
+    /// Finishes the transaction being applied: size, then the checksum it recorded.
+    fn end_txn(&mut self) -> Result<()> {
+        let Some(t) = self.cur.take() else {
+            return Ok(());
+        };
+        if !std::mem::take(&mut self.applying) {
+            return Ok(());
+        }
+        let hs = self.hashes.as_mut().expect("header first");
+        hs.set_page_count(t.db_pages);
+        self.file
+            .set_len(t.db_pages as u64 * hs.page_size() as u64)?;
+        if hs.checksum() != t.db_checksum {
+            bail!(
+                "database checksum mismatch after transaction {:016x}: recorded {:#018x}, rebuilt {:#018x}",
+                t.txid,
+                t.db_checksum,
+                hs.checksum()
+            );
+        }
+        self.last = Some(t);
+        Ok(())
+    }
+}

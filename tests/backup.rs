@@ -1,0 +1,268 @@
+//! Continuous backup and verified point-in-time restore, end to end: the real `replited`
+//! binary, a real SQLite load from a separate process (python3's sqlite3), a real backup
+//! directory.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+
+/// A load of 6,000 transactions with replited killed (-9) mid-load and restarted; the restore
+/// equals the primary and passes integrity_check.
+fn load_kill_restore(io: &str) {
+    let w = World::new("");
+    let d = w.start(io);
+    assert!(
+        d.log_text().contains(&format!("capturing")),
+        "{}",
+        d.log_text()
+    );
+    let load = spawn_load(&w.db, 1, 6000, &["--rate", "3000"]);
+    // A moment chosen at random within the load.
+    let ms = 300 + (std::process::id() as u64 * 7919 + io.len() as u64 * 131) % 1200;
+    std::thread::sleep(Duration::from_millis(ms));
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(200));
+    let d = w.start(io);
+    wait_ok(load);
+    run_load(&w.db, 6001, 6200);
+    let log = d.stop();
+    let backend = if io == "uring" { "io_uring" } else { "pread" };
+    assert!(
+        log.contains(&format!("io={backend}")),
+        "backend not logged:\n{log}"
+    );
+
+    let out = w.path("restored.db");
+    let r = w.restore(&["-o", out.to_str().unwrap()]);
+    assert!(r.status.success(), "restore failed: {}", stderr(&r));
+    assert_eq!(integrity(&out), "ok");
+    let primary = state(&w.db);
+    assert_eq!(primary.0, 6200);
+    assert_eq!(
+        state(&out),
+        primary,
+        "restored content differs from the primary"
+    );
+}
+
+#[test]
+fn load_kill_restore_pread() {
+    load_kill_restore("pread");
+}
+
+#[test]
+fn load_kill_restore_io_uring() {
+    load_kill_restore("uring");
+}
+
+/// `--timestamp` and `--txid` restore exactly the content committed at that point.
+#[test]
+fn point_in_time() {
+    let w = World::new("");
+    let d = w.start("auto");
+    let marks = w.path("marks.tsv");
+    let load = spawn_load(
+        &w.db,
+        1,
+        1500,
+        &[
+            "--pause-every",
+            "300",
+            "--pause-ms",
+            "300",
+            "--marks",
+            marks.to_str().unwrap(),
+        ],
+    );
+    wait_ok(load);
+    d.stop();
+
+    // --timestamp: the time in the middle of a pause after transaction i gives state i.
+    let text = fs::read_to_string(&marks).unwrap();
+    let points: Vec<(u64, u64)> = text
+        .lines()
+        .map(|l| {
+            let (i, t) = l.split_once('\t').unwrap();
+            (i.parse().unwrap(), t.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(points.len(), 5);
+    for &(i, t) in &points[..4] {
+        let out = w.path(&format!("at-{i}.db"));
+        let ts = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(t))
+            .to_string();
+        let r = w.restore(&["-o", out.to_str().unwrap(), "--timestamp", &ts]);
+        assert!(
+            r.status.success(),
+            "restore --timestamp {ts}: {}",
+            stderr(&r)
+        );
+        assert_eq!(integrity(&out), "ok");
+        assert_eq!(
+            state(&out),
+            expect(i),
+            "--timestamp {ts} should give the state after transaction {i}"
+        );
+    }
+
+    // --txid: every transaction is its own txid, so N and N+1 are consecutive load states.
+    let latest = w.path("latest.db");
+    let r = w.restore(&["-o", latest.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let log = stderr(&r);
+    let last_txid =
+        u64::from_str_radix(log.split("to txid ").nth(1).unwrap().get(..16).unwrap(), 16).unwrap();
+    let mut seen = None;
+    for back in [1000u64, 999, 10] {
+        let n = last_txid - back;
+        let out = w.path(&format!("txid-{n}.db"));
+        let r = w.restore(&["-o", out.to_str().unwrap(), "--txid", &n.to_string()]);
+        assert!(r.status.success(), "restore --txid {n}: {}", stderr(&r));
+        let (i, h) = state(&out);
+        assert_eq!(
+            (i, h),
+            expect(i),
+            "--txid {n} gave a state that was never committed"
+        );
+        if back == 999 {
+            assert_eq!(
+                Some(i),
+                seen.map(|s: u64| s + 1),
+                "--txid N+1 must be the next transaction"
+            );
+        }
+        seen = Some(i);
+        // And the last txid is the last transaction.
+        assert_eq!(i + back, 1500, "txid {n} is {back} before the end");
+    }
+    let r = w.restore(&[
+        "-o",
+        w.path("nope.db").to_str().unwrap(),
+        "--txid",
+        &(last_txid + 5).to_string(),
+    ]);
+    assert!(!r.status.success());
+    assert!(!w.path("nope.db").exists());
+}
+
+/// A TRUNCATE checkpoint (and more writes) made by the app while replited is down loses
+/// nothing.
+#[test]
+fn truncate_while_down() {
+    let w = World::new("");
+    let d = w.start("auto");
+    run_load(&w.db, 1, 400);
+    d.stop();
+    run_load(&w.db, 401, 700);
+    let r = checkpoint(&w.db, "TRUNCATE");
+    assert!(r.contains("(0, 0, 0)"), "checkpoint: {r}");
+    run_load(&w.db, 701, 800);
+    let d = w.start("auto");
+    run_load(&w.db, 801, 900);
+    let log = d.stop();
+    assert!(log.contains("new generation"), "{log}");
+
+    // Writes while down, WAL untouched: captured as one transaction, same generation.
+    run_load(&w.db, 901, 950);
+    let d = w.start("auto");
+    run_load(&w.db, 951, 1000);
+    let log = d.stop();
+    assert!(
+        log.contains("committed while replited was stopped"),
+        "{log}"
+    );
+
+    let out = w.path("restored.db");
+    let r = w.restore(&["-o", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_eq!(integrity(&out), "ok");
+    assert_eq!(state(&out), state(&w.db));
+    assert_eq!(state(&out).0, 1000);
+}
+
+/// One flipped byte anywhere in a stored file makes restore fail, naming the file, and leaves
+/// no output behind.
+#[test]
+fn corrupted_backup_is_refused() {
+    let w = World::new("compaction-interval = \"1h\"");
+    let d = w.start("auto");
+    run_load(&w.db, 1, 300);
+    d.stop();
+    let files = w.stored_files();
+    let snap = files
+        .iter()
+        .find(|p| p.extension().unwrap() == "snap")
+        .unwrap()
+        .clone();
+    let seg = files
+        .iter()
+        .rev()
+        .find(|p| p.extension().unwrap() == "seg")
+        .unwrap()
+        .clone();
+    for (victim, salt) in [(&snap, 1u64), (&snap, 2), (&seg, 3), (&seg, 4)] {
+        let orig = fs::read(victim).unwrap();
+        let mut bad = orig.clone();
+        let at = ((salt * 2654435761 + orig.len() as u64 / 3) % orig.len() as u64) as usize;
+        bad[at] ^= 0x20;
+        fs::write(victim, &bad).unwrap();
+        let out = w.path("out.db");
+        let r = w.restore(&["-o", out.to_str().unwrap()]);
+        fs::write(victim, &orig).unwrap();
+        assert!(
+            !r.status.success(),
+            "restore accepted a flipped byte at {at} of {}",
+            victim.display()
+        );
+        let err = stderr(&r);
+        let name = victim.file_name().unwrap().to_str().unwrap();
+        assert!(err.contains(name), "the error does not name {name}: {err}");
+        assert!(!out.exists(), "restore left {} behind", out.display());
+        let leftovers: Vec<_> = fs::read_dir(w.dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("replited-restore"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    }
+    let out = w.path("good.db");
+    let r = w.restore(&["-o", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_eq!(state(&out), state(&w.db));
+}
+
+/// Restore's own refusals: nothing to restore, an unknown database, an existing output.
+#[test]
+fn restore_errors() {
+    let w = World::new("");
+    let out = w.path("o.db");
+    let r = w.restore(&["-o", out.to_str().unwrap()]);
+    assert!(!r.status.success());
+    assert!(stderr(&r).contains("NoSnapshotError"), "{}", stderr(&r));
+    let r = w.restore(&["-o", out.to_str().unwrap(), "--if-replica-exists"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let r = w.restore(&["--db", "/elsewhere/other.db", "-o", out.to_str().unwrap()]);
+    assert!(!r.status.success());
+    assert!(stderr(&r).contains("Database not found"), "{}", stderr(&r));
+
+    let d = w.start("auto");
+    run_load(&w.db, 1, 50);
+    d.stop();
+    // Without -o it restores to the database's own path, which exists: refused.
+    let r = w.restore(&[]);
+    assert!(!r.status.success());
+    assert!(stderr(&r).contains("--force"), "{}", stderr(&r));
+    let r = w.restore(&["--if-db-not-exists"]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    // The URL form needs no config.
+    let url = format!("file://{}", w.backup.join("data.db").display());
+    let r = std::process::Command::new(bin())
+        .args(["restore", &url, "-o", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_eq!(state(&out), state(&w.db));
+}

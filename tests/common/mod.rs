@@ -1,0 +1,267 @@
+//! Shared pieces of the end-to-end tests: a scratch directory with a database, a config and a
+//! backup root; the real `replited` binary started and stopped; the deterministic load of
+//! `tests/load.py` run by the real python3 sqlite3 module.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_replited")
+}
+
+pub fn load_py() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/load.py")
+}
+
+/// A scratch world for one test.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub backup: PathBuf,
+    pub config: PathBuf,
+}
+
+impl World {
+    /// A database path, a backup root and a config with `extra` lines added to `[[database]]`.
+    pub fn new(extra: &str) -> World {
+        let dir = tempfile::Builder::new()
+            .prefix("replited-e2e")
+            .tempdir()
+            .unwrap();
+        let db = dir.path().join("data.db");
+        let backup = dir.path().join("backup");
+        let config = dir.path().join("replited.toml");
+        fs::write(
+            &config,
+            format!(
+                "[log]\nlevel = \"debug\"\n\n[[database]]\ndb = \"{}\"\n{extra}\n\n[[database.replicate]]\nname = \"backup\"\n[database.replicate.params]\ntype = \"fs\"\nroot = \"{}\"\n",
+                db.display(),
+                backup.display()
+            ),
+        )
+        .unwrap();
+        // The app creates its database before replited starts, as PocketBase does.
+        run_load(&db, 0, 0);
+        World {
+            dir,
+            db,
+            backup,
+            config,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts `replited replicate` with the given I/O backend, logging to a file.
+    pub fn start(&self, io: &str) -> Daemon {
+        let log = self.path(&format!("replited-{}.log", now_ns()));
+        let child = Command::new(bin())
+            .args(["-c", self.config.to_str().unwrap(), "replicate", "--io", io])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, log };
+        d.wait_for_log("capturing", Duration::from_secs(30));
+        d
+    }
+
+    /// `replited restore` with extra args; returns the process output.
+    pub fn restore(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(["-c", self.config.to_str().unwrap(), "restore"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Every stored file (relative paths), sorted.
+    pub fn stored_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let root = self.backup.join("data.db");
+        if let Ok(gens) = fs::read_dir(&root) {
+            for g in gens.flatten() {
+                if g.path().is_dir() {
+                    for f in fs::read_dir(g.path()).unwrap().flatten() {
+                        out.push(f.path());
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+fn now_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if let Ok(Some(st)) = self.child_status() {
+                panic!(
+                    "replited exited ({st}) before logging {needle:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "replited did not log {needle:?} within {limit:?}:\n{}",
+            self.log_text()
+        );
+    }
+
+    fn child_status(&self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        // try_wait needs &mut; peek through /proc instead.
+        let pid = self.child.id();
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.split_whitespace().nth(2) == Some("Z") {
+            return Ok(Some(std::os::unix::process::ExitStatusExt::from_raw(0)));
+        }
+        Ok(None)
+    }
+
+    /// kill -9.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM; asserts a clean exit (0) within the limit and returns the log.
+    pub fn stop(mut self) -> String {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                let log = self.log_text();
+                assert!(
+                    st.success(),
+                    "replited exited with {st} after SIGTERM:\n{log}"
+                );
+                return log;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "replited did not stop within 30 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn python(args: &[&str]) -> Output {
+    let out = Command::new("python3")
+        .arg(load_py())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python3 load.py {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs transactions `from..=to` to completion.
+pub fn run_load(db: &Path, from: u64, to: u64) {
+    python(&[
+        "run",
+        db.to_str().unwrap(),
+        "--from",
+        &from.to_string(),
+        "--to",
+        &to.to_string(),
+    ]);
+}
+
+/// Starts transactions `from..=to` in the background with extra options.
+pub fn spawn_load(db: &Path, from: u64, to: u64, extra: &[&str]) -> Child {
+    Command::new("python3")
+        .arg(load_py())
+        .args([
+            "run",
+            db.to_str().unwrap(),
+            "--from",
+            &from.to_string(),
+            "--to",
+            &to.to_string(),
+        ])
+        .args(extra)
+        .spawn()
+        .unwrap()
+}
+
+pub fn wait_ok(mut c: Child) {
+    let st = c.wait().unwrap();
+    assert!(st.success(), "load exited with {st}");
+}
+
+/// (last transaction, content hash) of a database.
+pub fn state(db: &Path) -> (u64, String) {
+    let out = python(&["state", db.to_str().unwrap()]);
+    parse_state(&out.stdout)
+}
+
+/// (i, content hash) expected after transaction i.
+pub fn expect(i: u64) -> (u64, String) {
+    parse_state(&python(&["expect", &i.to_string()]).stdout)
+}
+
+fn parse_state(b: &[u8]) -> (u64, String) {
+    let s = String::from_utf8_lossy(b);
+    let (i, h) = s.trim().split_once('\t').expect("i<TAB>hash");
+    (i.parse().unwrap(), h.to_string())
+}
+
+pub fn checkpoint(db: &Path, mode: &str) -> String {
+    String::from_utf8_lossy(&python(&["checkpoint", db.to_str().unwrap(), mode]).stdout)
+        .into_owned()
+}
+
+/// `PRAGMA integrity_check` through the real SQLite.
+pub fn integrity(db: &Path) -> String {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
+        .unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -1,0 +1,125 @@
+//! Bad configuration is refused at start-up, naming the key or path, before anything changes.
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+
+use common::*;
+
+fn replicate_with(w: &World, config: &str) -> (bool, String) {
+    let p = w.path("bad.toml");
+    fs::write(&p, config).unwrap();
+    let o = Command::new(bin())
+        .args(["-c", p.to_str().unwrap(), "replicate", "--io", "pread"])
+        .output()
+        .unwrap();
+    (o.status.success(), stderr(&o))
+}
+
+#[test]
+fn bad_configs_name_what_is_wrong() {
+    let w = World::new("");
+    let good = fs::read_to_string(&w.config).unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (
+            good.replace("name = \"backup\"", "name = \"backup\"\nbogus-key = 1"),
+            "bogus-key",
+        ),
+        (
+            good.replace(&format!("db = \"{}\"", w.db.display()), ""),
+            "db",
+        ),
+        (
+            good.replace("[[database]]", "[[database]]\nsync-interval = \"soon\""),
+            "soon",
+        ),
+        (
+            good.replace("[[database]]", "[[database]]\nretention = 7"),
+            "retention",
+        ),
+        (
+            good.replace(&w.backup.display().to_string(), "/etc/hostname/backup"),
+            "/etc/hostname/backup",
+        ),
+        (good.replace("type = \"fs\"", "type = \"ftp\""), "ftp"),
+        (
+            good.replace(&w.db.display().to_string(), "/nonexistent/dir/data.db"),
+            "/nonexistent/dir/data.db",
+        ),
+        (
+            "[[database]]\ndb = \"${REPLITED_TEST_UNSET_VAR}\"\n".into(),
+            "REPLITED_TEST_UNSET_VAR",
+        ),
+        ("this is not toml".into(), "bad.toml"),
+    ];
+    for (cfg, needle) in cases {
+        let (ok, err) = replicate_with(&w, &cfg);
+        assert!(!ok, "accepted a bad config:\n{cfg}");
+        assert!(
+            err.contains(needle),
+            "error does not name {needle:?}: {err}\nconfig:\n{cfg}"
+        );
+    }
+    // Nothing was written for the rejected configs.
+    assert!(!w.backup.exists() || w.stored_files().is_empty());
+    // ${VAR:-default} and case-insensitive types load.
+    let cfg = good
+        .replace(
+            &w.backup.display().to_string(),
+            "${REPLITED_TEST_UNSET_VAR:-/nonexistent-root}",
+        )
+        .replace("type = \"fs\"", "type = \"Fs\"");
+    let (_, err) = replicate_with(&w, &cfg);
+    assert!(err.contains("/nonexistent-root") || err.is_empty(), "{err}");
+}
+
+/// replited-core is no_std and nothing of tokio, quinn, rusqlite or std's I/O is in its normal
+/// dependency tree.
+#[test]
+fn core_is_no_std_and_io_free() {
+    let lib =
+        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../core/src/lib.rs")).unwrap();
+    assert!(
+        lib.contains("#![no_std]"),
+        "core/src/lib.rs must be #![no_std]"
+    );
+    assert!(lib.contains("#![forbid(unsafe_code)]"));
+    let o = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "-p",
+            "replited-core",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--offline",
+        ])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "cargo tree failed: {}", stderr(&o));
+    let tree = String::from_utf8_lossy(&o.stdout);
+    for banned in [
+        "tokio",
+        "quinn",
+        "rusqlite",
+        "libsqlite3",
+        "nix ",
+        "libc",
+        "std ",
+    ] {
+        assert!(
+            !tree.contains(banned),
+            "{banned} is in replited-core's dependency tree:\n{tree}"
+        );
+    }
+    // And the crates it does use are built without their std features.
+    let meta =
+        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../core/Cargo.toml")).unwrap();
+    assert!(
+        meta.matches("default-features = false").count() >= 2,
+        "{meta}"
+    );
+}

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""A deterministic SQLite load for replited's end-to-end tests.
+
+Transaction i (1, 2, 3, ...) does the same thing on every run, so the database content after
+any transaction can be rebuilt independently and compared with what a restore produced.
+
+  load.py run DB --from A --to B [--pause-every N --pause-ms M --marks FILE] [--rate TPS]
+      commits transactions A..=B with Python's sqlite3 (WAL mode, the default autocheckpoint
+      left on). With --pause-every, after every N-th transaction it sleeps M ms and appends
+      "i<TAB>unix_ms" to FILE, the time taken in the middle of the pause.
+  load.py state DB        prints "i<TAB>hash": the last transaction applied and a hash of
+                          every table's rows in order (not file bytes).
+  load.py expect I        prints "I<TAB>hash" for the content after transaction I, rebuilt in
+                          memory from scratch.
+  load.py checkpoint DB MODE   runs PRAGMA wal_checkpoint(MODE) and prints the result.
+"""
+import hashlib
+import sqlite3
+import sys
+import time
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, val INTEGER NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger (acct INTEGER PRIMARY KEY, balance INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+"""
+
+
+def init(conn):
+    for stmt in SCHEMA.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+    conn.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('i', 0)")
+    for a in range(4):
+        conn.execute("INSERT OR IGNORE INTO ledger (acct, balance) VALUES (?, 1000)", (a,))
+
+
+def body(i):
+    # Some transactions carry a few KB so pages split, grow and shrink.
+    n = 40 if i % 50 else 3000
+    return hashlib.sha256(str(i).encode()).hexdigest() * (n // 64 + 1)
+
+
+def apply(conn, i):
+    conn.execute("INSERT INTO items (id, val, body) VALUES (?, ?, ?)", (i, i * 7, body(i)[: (40 if i % 50 else 3000)]))
+    if i % 3 == 0:
+        conn.execute("UPDATE items SET val = val + 1 WHERE id = ?", (i // 2,))
+    if i % 5 == 0:
+        conn.execute("DELETE FROM items WHERE id = ?", (i - 4,))
+    # Move value between accounts: the total stays 4000 in every committed state.
+    a, b = i % 4, (i * 3 + 1) % 4
+    if a != b:
+        conn.execute("UPDATE ledger SET balance = balance - ? WHERE acct = ?", (i % 17, a))
+        conn.execute("UPDATE ledger SET balance = balance + ? WHERE acct = ?", (i % 17, b))
+    conn.execute("UPDATE meta SET v = ? WHERE k = 'i'", (i,))
+
+
+def content_hash(conn):
+    h = hashlib.sha256()
+    for table in ("items", "ledger", "meta"):
+        for row in conn.execute(f"SELECT * FROM {table} ORDER BY 1"):
+            h.update(repr(row).encode())
+    return h.hexdigest()
+
+
+def connect(path):
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    return conn
+
+
+def cmd_run(args):
+    db = args[0]
+    opts = dict(zip(args[1::2], args[2::2]))
+    start, end = int(opts["--from"]), int(opts["--to"])
+    every = int(opts.get("--pause-every", 0))
+    pause = int(opts.get("--pause-ms", 0)) / 1000.0
+    marks = opts.get("--marks")
+    rate = float(opts.get("--rate", 0))
+    conn = connect(db)
+    conn.execute("BEGIN IMMEDIATE")
+    init(conn)
+    conn.execute("COMMIT")
+    t0 = time.monotonic()
+    for i in range(start, end + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        apply(conn, i)
+        conn.execute("COMMIT")
+        if every and i % every == 0:
+            time.sleep(pause / 2)
+            with open(marks, "a") as f:
+                f.write(f"{i}\t{int(time.time() * 1000)}\n")
+            time.sleep(pause / 2)
+        if rate:
+            due = t0 + (i - start + 1) / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+    conn.close()
+
+
+def cmd_state(args):
+    conn = sqlite3.connect(f"file:{args[0]}?mode=ro", uri=True)
+    i = conn.execute("SELECT v FROM meta WHERE k = 'i'").fetchone()[0]
+    total = conn.execute("SELECT sum(balance) FROM ledger").fetchone()[0]
+    if total != 4000:
+        sys.exit(f"ledger invariant broken: total {total}")
+    print(f"{i}\t{content_hash(conn)}")
+
+
+def cmd_expect(args):
+    upto = int(args[0])
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    init(conn)
+    for i in range(1, upto + 1):
+        apply(conn, i)
+    print(f"{upto}\t{content_hash(conn)}")
+
+
+def cmd_checkpoint(args):
+    conn = sqlite3.connect(args[0], isolation_level=None, timeout=30)
+    print(conn.execute(f"PRAGMA wal_checkpoint({args[1]})").fetchall())
+    conn.close()
+
+
+if __name__ == "__main__":
+    {"run": cmd_run, "state": cmd_state, "expect": cmd_expect, "checkpoint": cmd_checkpoint}[sys.argv[1]](sys.argv[2:])

@@ -10,10 +10,21 @@ use common::*;
 fn replicate_with(w: &World, config: &str) -> (bool, String) {
     let p = w.path("bad.toml");
     fs::write(&p, config).unwrap();
-    let o = Command::new(bin())
+    let mut child = Command::new(bin())
         .args(["-c", p.to_str().unwrap(), "replicate", "--io", "pread"])
-        .output()
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("replicate accepted this config and ran:\n{config}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
     (o.status.success(), stderr(&o))
 }
 
@@ -63,15 +74,32 @@ fn bad_configs_name_what_is_wrong() {
     }
     // Nothing was written for the rejected configs.
     assert!(!w.backup.exists() || w.stored_files().is_empty());
-    // ${VAR:-default} and case-insensitive types load.
+    // ${VAR:-default} and case-insensitive types load (restore reads the same config; with
+    // nothing stored yet it answers NoSnapshotError).
+    let fallback = w.path("fallback-root");
     let cfg = good
         .replace(
             &w.backup.display().to_string(),
-            "${REPLITED_TEST_UNSET_VAR:-/nonexistent-root}",
+            &format!("${{REPLITED_TEST_UNSET_VAR:-{}}}", fallback.display()),
         )
         .replace("type = \"fs\"", "type = \"Fs\"");
-    let (_, err) = replicate_with(&w, &cfg);
-    assert!(err.contains("/nonexistent-root") || err.is_empty(), "{err}");
+    let p = w.path("ok.toml");
+    fs::write(&p, cfg).unwrap();
+    let o = Command::new(bin())
+        .args([
+            "-c",
+            p.to_str().unwrap(),
+            "restore",
+            "-o",
+            w.path("x.db").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(
+        err.contains("NoSnapshotError") && err.contains(fallback.to_str().unwrap()),
+        "{err}"
+    );
 }
 
 /// replited-core is no_std and nothing of tokio, quinn, rusqlite or std's I/O is in its normal

@@ -249,7 +249,7 @@ impl Replicator {
         tracing::info!(
             generation = self.generation,
             txid = self.txid,
-            io = self.io.name(),
+            io = %self.io.name(),
             "capturing {} to {}",
             self.wal_path.display(),
             self.targets

@@ -15,6 +15,12 @@ pub fn open(path: &Path, busy: Duration) -> Result<Connection> {
     )
     .with_context(|| format!("opening database {}", path.display()))?;
     c.busy_timeout(busy)?;
+    // When replited's connection is the last one to close, SQLite would checkpoint and delete
+    // the WAL — frames replited is the reference point for. The WAL is left as it is.
+    c.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )?;
     Ok(c)
 }
 

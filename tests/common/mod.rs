@@ -44,7 +44,7 @@ impl World {
         )
         .unwrap();
         // The app creates its database before replited starts, as PocketBase does.
-        run_load(&db, 0, 0);
+        run_load(&db, 1, 0);
         World {
             dir,
             db,

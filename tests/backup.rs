@@ -267,3 +267,53 @@ fn restore_errors() {
     assert!(r.status.success(), "{}", stderr(&r));
     assert_eq!(state(&out), state(&w.db));
 }
+
+/// Periodic snapshots, compaction and retention with short intervals: small segments are merged
+/// into higher levels, files older than the retention window go (the latest snapshot stays),
+/// and every restore still equals the primary.
+#[test]
+fn compaction_and_retention() {
+    let w = World::new(
+        "snapshot-interval = \"700ms\"\ncompaction-interval = \"150ms\"\nretention = \"1s\"\nretention-check-interval = \"200ms\"",
+    );
+    let d = w.start("auto");
+    let load = spawn_load(&w.db, 1, 3000, &["--rate", "1000"]);
+    wait_ok(load);
+    std::thread::sleep(Duration::from_millis(1500));
+    run_load(&w.db, 3001, 3010);
+    std::thread::sleep(Duration::from_millis(400));
+    let log = d.stop();
+    assert!(log.contains("segments merged"), "no compaction:\n{log}");
+    assert!(log.contains("retention deleted"), "no retention:\n{log}");
+    let files = w.stored_files();
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.ends_with(".l1.seg") || n.ends_with(".l2.seg")),
+        "{names:?}"
+    );
+    let snaps = names.iter().filter(|n| n.ends_with(".snap")).count();
+    assert!(snaps >= 1, "the latest snapshot must stay: {names:?}");
+    // 3,010 transactions over ~4 s with 1 s retention: far fewer files than syncs.
+    assert!(files.len() < 200, "{} files left: {names:?}", files.len());
+
+    let out = w.path("restored.db");
+    let r = w.restore(&["-o", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_eq!(integrity(&out), "ok");
+    assert_eq!(state(&out), state(&w.db));
+    // Before the first snapshot still stored: refused, clearly, with nothing written.
+    let old = w.path("old.db");
+    let r = w.restore(&[
+        "-o",
+        old.to_str().unwrap(),
+        "--timestamp",
+        "2020-01-01T00:00:00Z",
+    ]);
+    assert!(!r.status.success());
+    assert!(!old.exists());
+}

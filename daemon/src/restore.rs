@@ -88,6 +88,14 @@ pub fn restore(sources: &[&dyn Storage], opts: &RestoreOptions) -> Result<Option
                 Ok(None)
             }
             PlanError::NoSnapshot => bail!("NoSnapshotError: no snapshot found in {at}"),
+            PlanError::TimeBeforeFirstSnapshot { time_ms, first_ms } => bail!(
+                "no backup in {at} reaches back to {}: the oldest snapshot is from {}",
+                fmt_ms(time_ms),
+                fmt_ms(first_ms)
+            ),
+            PlanError::TxidNotFound { txid, latest } => bail!(
+                "txid {txid} ({txid:016x}) is not in {at}: the latest restorable txid is {latest} ({latest:016x})"
+            ),
             e => bail!("{at}: {e}"),
         };
     };
@@ -151,6 +159,11 @@ impl RestoreOptions {
             _ => None,
         }
     }
+}
+
+fn fmt_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
 }
 
 fn parent(p: &Path) -> &Path {

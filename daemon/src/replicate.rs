@@ -156,12 +156,16 @@ pub struct Replicator {
     out: Vec<u8>,
 }
 
+/// Frames read at once at most, and at first.
 const READ_FRAMES: usize = 256;
+const FIRST_READ_FRAMES: usize = 4;
 const PAGE_BATCH: usize = 256;
 const FLUSH_BYTES: usize = 1 << 20;
 const PENDING_RECHECK: Duration = Duration::from_secs(1);
-const MAX_LEVEL: u32 = 3;
+const MAX_LEVEL: u32 = 4;
 const MERGE_AT: usize = 8;
+/// The most files one merge reads.
+const MERGE_MAX: usize = 256;
 /// The periodic work runs at least this often, whatever wakes the loop.
 const IDLE_STEP: Duration = Duration::from_secs(1);
 /// inotify reads per wake-up (each returns up to 4 KiB of events).
@@ -451,6 +455,9 @@ impl Replicator {
     /// Scans from the scanner's position to the end of the valid log, handing each committed
     /// transaction to `on_commit`.
     fn scan(&mut self, mut on_commit: impl FnMut(&mut Self, WalTxn)) -> Result<()> {
+        // The file may be longer than its valid log (a restarted WAL keeps its old length and
+        // old frames): read a few frames first and double while they keep being valid.
+        let mut chunk = FIRST_READ_FRAMES;
         loop {
             let Some(sc) = self.scanner.as_ref() else {
                 return Ok(());
@@ -462,7 +469,8 @@ impl Replicator {
             if avail == 0 {
                 break;
             }
-            let want = avail.min(READ_FRAMES);
+            let want = avail.min(chunk);
+            chunk = (chunk * 2).min(READ_FRAMES);
             self.buf.resize(flen * want, 0);
             let n = w.file.read_at(&mut self.buf, off)?;
             let whole = n / flen;
@@ -690,18 +698,14 @@ impl Replicator {
                         }
                     }
                 }
-                if out.len() >= FLUSH_BYTES {
-                    sink.write(&out)?;
-                    out.clear();
-                }
+                sink.spill(&mut out)?;
             }
             enc.finish(&mut out)?;
-            sink.write(&out)?;
             Ok(())
         })();
+        let r = r.and_then(|_| sink.finish(&mut out));
         self.out = out;
         r?;
-        sink.commit()?;
         tracing::debug!(
             generation = self.generation,
             txid = last.txid,
@@ -740,19 +744,15 @@ impl Replicator {
                     bail!("page {pgno} differs from the tracked state; the snapshot is abandoned");
                 }
                 enc.page(pgno, data, &mut out)?;
-                if out.len() >= FLUSH_BYTES {
-                    sink.write(&out)?;
-                    out.clear();
-                }
+                sink.spill(&mut out)?;
                 Ok(())
             })?;
             enc.finish(&mut out)?;
-            sink.write(&out)?;
             Ok(())
         })();
+        let r = r.and_then(|_| sink.finish(&mut out));
         self.out = out;
         r?;
-        sink.commit()?;
         tracing::info!(
             generation = self.generation,
             txid = self.txid,
@@ -1117,7 +1117,15 @@ impl Replicator {
             let Some(run) = plan::plan_compaction(&self.files, self.generation, level, min) else {
                 continue;
             };
-            let inputs: Vec<FileMeta> = run.iter().map(|&i| self.files[i]).collect();
+            // A bounded merge per wake-up keeps capture's pauses short; the rest follows on the
+            // next wake-ups.
+            let inputs: Vec<FileMeta> =
+                run.iter().take(MERGE_MAX).map(|&i| self.files[i]).collect();
+            if inputs.len() == MERGE_MAX {
+                // Due again at the next wake-up.
+                let now = Instant::now();
+                self.last_compaction = now.checked_sub(self.cfg.compaction_interval).unwrap_or(now);
+            }
             let merged = self.merge(&inputs, level + 1)?;
             for t in &self.targets {
                 t.storage.delete(&inputs)?;
@@ -1149,16 +1157,12 @@ impl Replicator {
                     Event::Page(pgno) => enc.page(*pgno, dec.page(), &mut out)?,
                     Event::Header(_) | Event::End => {}
                 }
-                if out.len() >= FLUSH_BYTES {
-                    sink.write(&out)?;
-                    out.clear();
-                }
+                sink.spill(&mut out)?;
                 Ok(true)
             })?;
         }
         enc.finish(&mut out)?;
-        sink.write(&out)?;
-        sink.commit()?;
+        sink.finish(&mut out)?;
         Ok(meta)
     }
 
@@ -1222,7 +1226,20 @@ impl Sink {
         Ok(())
     }
 
-    fn commit(self) -> Result<()> {
+    /// Writes `out` to every target once it holds `FLUSH_BYTES`, then empties it: memory stays
+    /// bounded whatever the file's size.
+    fn spill(&mut self, out: &mut Vec<u8>) -> Result<()> {
+        if out.len() >= FLUSH_BYTES {
+            self.write(out)?;
+            out.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes what remains of `out`, then makes the file durable on every target.
+    fn finish(mut self, out: &mut Vec<u8>) -> Result<()> {
+        self.write(out)?;
+        out.clear();
         for (loc, w) in self.writers {
             w.commit().with_context(|| format!("writing {loc}"))?;
         }

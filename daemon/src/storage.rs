@@ -119,6 +119,17 @@ impl Storage for FsStorage {
             .and_then(|mut f| f.write_all(b"ok").and_then(|_| f.sync_all()))
             .and_then(|_| fs::remove_file(&probe))
             .with_context(|| format!("backup directory {} is not writable", self.dir.display()))?;
+        // Temporary files left by a writer that was killed mid-file: never visible under a
+        // final name, so nothing refers to them.
+        for g in fs::read_dir(&self.dir)?.flatten() {
+            if g.file_type().is_ok_and(|t| t.is_dir()) {
+                for f in fs::read_dir(g.path())?.flatten() {
+                    if f.file_name().to_string_lossy().ends_with(".tmp") {
+                        let _ = fs::remove_file(f.path());
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

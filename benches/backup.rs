@@ -328,6 +328,17 @@ fn main() {
     } else {
         (&[100, 1000], 10.0, 1024, 5)
     };
+    // REPLITED_BENCH=latency or =restore runs one part only.
+    let only = std::env::var("REPLITED_BENCH").unwrap_or_default();
+    if only != "restore" {
+        latency_table(rates, secs);
+    }
+    if only != "latency" {
+        restore_table(mb, rounds);
+    }
+}
+
+fn latency_table(rates: &[u32], secs: f64) {
     println!("### commit → durable in the backup directory\n");
     println!("| rate (tx/s) | transactions | p50 (ms) | p99 (ms) | max (ms) | replited CPU (% of one core) |");
     println!("|---|---|---|---|---|---|");
@@ -338,6 +349,9 @@ fn main() {
             l.rate, l.n, l.p50_ms, l.p99_ms, l.max_ms, l.cpu_pct
         );
     }
+}
+
+fn restore_table(mb: u64, rounds: usize) {
     let mut r = restore_throughput(mb, rounds);
     let (rm, cm) = (median(&mut r.restore_mbps), median(&mut r.cp_mbps));
     println!("\n### restore from the local backup beside cp (+ sync) of the same bytes\n");

@@ -67,7 +67,7 @@ fn point_in_time() {
             "--pause-every",
             "300",
             "--pause-ms",
-            "300",
+            "600",
             "--marks",
             marks.to_str().unwrap(),
         ],
@@ -204,7 +204,8 @@ fn corrupted_backup_is_refused() {
         .find(|p| p.extension().unwrap() == "seg")
         .unwrap()
         .clone();
-    for (victim, salt) in [(&snap, 1u64), (&snap, 2), (&seg, 3), (&seg, 4)] {
+    let victims = (1..=16u64).map(|salt| (if salt % 2 == 0 { &snap } else { &seg }, salt));
+    for (victim, salt) in victims {
         let orig = fs::read(victim).unwrap();
         let mut bad = orig.clone();
         let at = ((salt * 2654435761 + orig.len() as u64 / 3) % orig.len() as u64) as usize;

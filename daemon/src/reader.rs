@@ -38,7 +38,7 @@ pub fn decode_file(
                 }
                 let end = matches!(ev, Event::End);
                 if calling {
-                    calling = f(&ev, &dec)?;
+                    calling = f(&ev, &dec).with_context(|| loc.clone())?;
                 }
                 if end {
                     break;

@@ -129,6 +129,10 @@ pub struct Replicator {
     /// Runs checkpoints (a connection with an open transaction cannot).
     ckpt: Connection,
     guards: [Connection; 2],
+    /// The database file, for reading pages past SQLite (after a TRUNCATE checkpoint). Opened
+    /// once and closed only after the connections: closing any descriptor of a file drops every
+    /// POSIX lock the process holds on it — SQLite's included.
+    db_file: std::fs::File,
     active: Option<usize>,
     wal: Option<OpenWal>,
     /// inotify: the WAL file for writes, its directory for the WAL's creation and removal.
@@ -152,6 +156,8 @@ pub struct Replicator {
     /// (WAL salt1, frames) when a checkpoint last found everything backfilled: nothing to do
     /// until the WAL grows or restarts.
     backfilled: Option<(u32, u64)>,
+    /// Continuity with the WAL was lost: establish it again before capturing.
+    needs_establish: bool,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -188,6 +194,8 @@ impl Replicator {
         let writer = sqlite::open_locker(&db_path)?;
         sqlite::ensure_wal(&writer, &db_path)?;
         let ckpt = sqlite::open(&db_path, cfg.busy_timeout)?;
+        let db_file = std::fs::File::open(&db_path)
+            .with_context(|| format!("opening {}", db_path.display()))?;
         let guards = [
             sqlite::open(&db_path, cfg.busy_timeout)?,
             sqlite::open(&db_path, cfg.busy_timeout)?,
@@ -207,6 +215,7 @@ impl Replicator {
             writer,
             ckpt,
             guards,
+            db_file,
             active: None,
             wal: None,
             inotify: None,
@@ -226,6 +235,7 @@ impl Replicator {
             failures: 0,
             retry_at: None,
             backfilled: None,
+            needs_establish: false,
             buf: Vec::new(),
             out: Vec::new(),
             cfg,
@@ -282,8 +292,6 @@ impl Replicator {
                     Err(e) => return Err(e.into()),
                 };
             }
-            // Drain events: a write to the WAL, or a timeout, means "look"; writes to other
-            // files in the directory (the database itself, -shm, the app's logs) do not.
             // A bounded drain: under a steady load events keep arriving, and capture reads to
             // the end of the WAL whatever woke it. Events for the WAL itself carry no name; the
             // directory's do, and only the WAL's creation or removal matters.
@@ -313,9 +321,13 @@ impl Replicator {
             }
         }
         tracing::info!("shutting down: writing out everything captured");
+        // What is already captured is written even if this last look at the WAL fails.
+        if let Err(e) = self.capture() {
+            tracing::warn!("last capture before shutdown: {e:#}");
+        }
         let mut last = Ok(());
         for _ in 0..3 {
-            last = self.capture().and_then(|_| self.write_batch());
+            last = self.write_batch();
             if last.is_ok() {
                 break;
             }
@@ -333,6 +345,9 @@ impl Replicator {
     }
 
     fn fail(&mut self, e: anyhow::Error) {
+        if e.is::<ContinuityLost>() {
+            self.needs_establish = true;
+        }
         self.failures += 1;
         let backoff = Duration::from_millis(100 * (1u64 << self.failures.min(8)))
             .min(Duration::from_secs(30));
@@ -363,14 +378,19 @@ impl Replicator {
                 return Ok(());
             }
         }
-        match self.capture() {
-            Ok(()) => {}
-            Err(e) if e.is::<ContinuityLost>() => {
-                tracing::warn!("{e}; re-establishing");
-                self.write_batch()?;
-                self.establish()?;
+        if !self.needs_establish {
+            match self.capture() {
+                Ok(()) => {}
+                Err(e) if e.is::<ContinuityLost>() => {
+                    tracing::warn!("{e}; re-establishing");
+                    self.needs_establish = true;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
+        }
+        if self.needs_establish {
+            self.establish()?;
+            self.needs_establish = false;
         }
         if let Some(since) = self.batch_since {
             if since.elapsed() >= self.cfg.sync_interval {
@@ -851,7 +871,21 @@ impl Replicator {
 
     /// Establishes where capture continues from; see the module docs.
     fn establish(&mut self) -> Result<()> {
-        self.write_batch()?;
+        match self.write_batch() {
+            Ok(()) => {}
+            Err(e) if e.is::<ContinuityLost>() => {
+                // Their pages are gone from the WAL; what they changed is in the database and
+                // is taken up below (as one transaction or a new snapshot).
+                tracing::warn!(
+                    transactions = self.batch.len(),
+                    "{e:#}: these captured transactions are taken up by the state read next"
+                );
+                self.batch.clear();
+                self.batch_wal = None;
+                self.batch_since = None;
+            }
+            Err(e) => return Err(e),
+        }
         for g in &self.guards {
             sqlite::end_txn(g);
         }
@@ -1065,7 +1099,7 @@ impl Replicator {
     /// Compares the database file page by page with the tracked hashes and captures any
     /// difference as one transaction.
     fn capture_db_file_changes(&mut self) -> Result<()> {
-        let f = std::fs::File::open(&self.db_path)?;
+        let f = &self.db_file;
         let ps = self.hashes.page_size() as usize;
         let pages = (f.metadata()?.len() / ps as u64) as u32;
         let mut changed = Vec::new();

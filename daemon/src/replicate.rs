@@ -13,8 +13,9 @@
 //! to the end of the WAL, write everything captured durably, then end the old one. Whatever a
 //! later WAL restart may overwrite is therefore already durable. replited's own PASSIVE
 //! checkpoints run right after a move; a TRUNCATE checkpoint (when the WAL passes its bound)
-//! must release the guard briefly, so afterwards the database file is compared page by page with
-//! what replited tracked, and anything committed in that window is captured as one transaction.
+//! must release the guard briefly, so afterwards the database (as a new guard sees it) is compared
+//! page by page with what replited tracked, and anything committed in that window is captured as
+//! one transaction.
 //!
 //! ## Start-up and continuity
 //! The latest stored file records the WAL position (salts, offset, cumulative checksum) and the
@@ -24,7 +25,7 @@
 //! restarted meanwhile but the database is unchanged, the history simply continues; otherwise a
 //! new generation starts with a fresh snapshot. Nothing is lost either way.
 
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -129,10 +130,6 @@ pub struct Replicator {
     /// Runs checkpoints (a connection with an open transaction cannot).
     ckpt: Connection,
     guards: [Connection; 2],
-    /// The database file, for reading pages past SQLite (after a TRUNCATE checkpoint). Opened
-    /// once and closed only after the connections: closing any descriptor of a file drops every
-    /// POSIX lock the process holds on it — SQLite's included.
-    db_file: std::fs::File,
     active: Option<usize>,
     wal: Option<OpenWal>,
     /// inotify: the WAL file for writes, its directory for the WAL's creation and removal.
@@ -194,8 +191,6 @@ impl Replicator {
         let writer = sqlite::open_locker(&db_path)?;
         sqlite::ensure_wal(&writer, &db_path)?;
         let ckpt = sqlite::open(&db_path, cfg.busy_timeout)?;
-        let db_file = std::fs::File::open(&db_path)
-            .with_context(|| format!("opening {}", db_path.display()))?;
         let guards = [
             sqlite::open(&db_path, cfg.busy_timeout)?,
             sqlite::open(&db_path, cfg.busy_timeout)?,
@@ -215,7 +210,6 @@ impl Replicator {
             writer,
             ckpt,
             guards,
-            db_file,
             active: None,
             wal: None,
             inotify: None,
@@ -1093,26 +1087,26 @@ impl Replicator {
         // The WAL is empty (or a new one has begun): the database file holds everything.
         // Anything committed between our capture and the checkpoint is only there now.
         self.scanner = None;
-        self.capture_db_file_changes()
+        self.capture_db_changes()
     }
 
-    /// Compares the database file page by page with the tracked hashes and captures any
-    /// difference as one transaction.
-    fn capture_db_file_changes(&mut self) -> Result<()> {
-        let f = &self.db_file;
-        let ps = self.hashes.page_size() as usize;
-        let pages = (f.metadata()?.len() / ps as u64) as u32;
+    /// Compares the database, as the guard sees it, page by page with the tracked hashes and
+    /// captures any difference as one transaction.
+    fn capture_db_changes(&mut self) -> Result<()> {
+        // Read through SQLite, at the guard's snapshot: consistent by SQLite's own locking even
+        // if the app commits and checkpoints meanwhile (and no descriptor of the database file
+        // is ever opened and closed beside SQLite's: that would drop its POSIX locks).
+        let (_, pages) = sqlite::page_geometry(self.guard())?;
         let mut changed = Vec::new();
-        let mut page = vec![0u8; ps];
         let mut hashes = self.hashes.clone();
-        for pgno in 1..=pages {
-            f.read_exact_at(&mut page, (pgno as u64 - 1) * ps as u64)?;
-            let h = page_hash(pgno, &page);
-            if self.hashes.get(pgno) != Some(h) {
+        sqlite::for_each_page(self.guard(), |pgno, page| {
+            let h = page_hash(pgno, page);
+            if hashes.get(pgno) != Some(h) {
                 hashes.set(pgno, h);
-                changed.push((pgno, page.clone()));
+                changed.push((pgno, page.to_vec()));
             }
-        }
+            Ok(())
+        })?;
         hashes.set_page_count(pages);
         if changed.is_empty() && pages == self.hashes.page_count() {
             return Ok(());

@@ -14,7 +14,10 @@
 //! * [`format`]: replited's file format for snapshots and segments, with a
 //!   streaming encoder and a streaming, fully validating decoder;
 //! * [`name`]: storage object names;
-//! * [`plan`]: restore, retention and compaction planning.
+//! * [`plan`]: restore, retention and compaction planning;
+//! * [`proto`]: the replication protocol's messages and framing (postcard);
+//! * [`primary`] and [`replica`]: the two ends of a replication stream as
+//!   state machines (`handle_*` in, `poll_*` out).
 //!
 //! The crate is `no_std` (it needs `alloc`), has no clock (times come in as
 //! milliseconds since the Unix epoch) and no threads.
@@ -32,6 +35,9 @@ pub mod hash;
 pub mod name;
 pub mod plan;
 pub mod pos;
+pub mod primary;
+pub mod proto;
+pub mod replica;
 pub mod scan;
 pub mod wal;
 

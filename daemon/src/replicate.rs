@@ -145,6 +145,8 @@ pub struct Replicator {
     files: Vec<FileMeta>,
     last_progress: Instant,
     last_snapshot: Instant,
+    /// The txid the last snapshot is at.
+    last_snapshot_txid: u64,
     last_checkpoint: Instant,
     last_compaction: Instant,
     last_retention: Instant,
@@ -223,6 +225,7 @@ impl Replicator {
             files: Vec::new(),
             last_progress: now,
             last_snapshot: now,
+            last_snapshot_txid: 0,
             last_checkpoint: now,
             last_compaction: now,
             last_retention: now,
@@ -406,7 +409,12 @@ impl Replicator {
             self.checkpoint(false)?;
         }
         if self.last_snapshot.elapsed() >= self.cfg.snapshot_interval {
-            self.snapshot()?;
+            if self.txid == self.last_snapshot_txid {
+                // Nothing changed since the last snapshot: it still is the latest state.
+                self.last_snapshot = Instant::now();
+            } else {
+                self.snapshot()?;
+            }
         }
         if self.last_compaction.elapsed() >= self.cfg.compaction_interval {
             self.compact()?;
@@ -775,6 +783,7 @@ impl Replicator {
         );
         self.files.push(meta);
         self.last_snapshot = Instant::now();
+        self.last_snapshot_txid = self.txid;
         Ok(())
     }
 
@@ -844,6 +853,7 @@ impl Replicator {
             .filter(|m| m.is_snapshot())
             .max_by_key(|m| m.last_txid)
         {
+            self.last_snapshot_txid = s.last_txid;
             let age = now_ms().saturating_sub(s.last_time_ms);
             self.last_snapshot = Instant::now()
                 .checked_sub(Duration::from_millis(age))

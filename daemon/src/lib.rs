@@ -3,6 +3,8 @@
 //! The binary's modules, one concern each; the formats and all decisions that need no I/O live
 //! in `replited-core`.
 
+pub mod apply;
+pub mod cert;
 pub mod cli;
 pub mod config;
 pub mod reader;
@@ -11,4 +13,5 @@ pub mod restore;
 pub mod shutdown;
 pub mod sqlite;
 pub mod storage;
+pub mod transport;
 pub mod walfile;

@@ -9,18 +9,28 @@ use std::time::Duration;
 
 use common::*;
 
-/// A load of 6,000 transactions with replited killed (-9) mid-load and restarted; the restore
-/// equals the primary and passes integrity_check.
+/// A load of 6,000 transactions with replited killed (-9) at three random moments and restarted
+/// each time; the restore equals the primary and passes integrity_check.
 fn load_kill_restore(io: &str) {
     let w = World::new("");
-    let d = w.start(io);
+    let mut d = w.start(io);
     let load = spawn_load(&w.db, 1, 6000, &["--rate", "3000"]);
-    // A moment chosen at random within the load.
-    let ms = 300 + (std::process::id() as u64 * 7919 + io.len() as u64 * 131) % 1200;
-    std::thread::sleep(Duration::from_millis(ms));
-    d.kill9();
-    std::thread::sleep(Duration::from_millis(200));
-    let d = w.start(io);
+    // Moments chosen at random within the 2 s load (the seed is printed on failure).
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    let mut x = seed | 1;
+    for _ in 0..3 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_millis(100 + x % 400));
+        d.kill9();
+        std::thread::sleep(Duration::from_millis(50 + (x >> 20) % 150));
+        d = w.start(io);
+    }
+    eprintln!("kill seed {seed}");
     wait_ok(load);
     run_load(&w.db, 6001, 6200);
     let log = d.stop();

@@ -45,7 +45,7 @@ use crate::config::{db_name, Compression, DbConfig, TargetParams};
 use crate::reader::{decode_file, read_header};
 use crate::shutdown::Shutdown;
 use crate::sqlite;
-use crate::storage::{FsStorage, ObjectWriter, Storage};
+use crate::storage::{parent_dir, FsStorage, ObjectWriter, Storage};
 use crate::walfile::{self, Resolved, WalFile};
 
 /// Milliseconds since the Unix epoch.
@@ -248,7 +248,7 @@ impl Replicator {
         let span = self.span();
         let _e = span.enter();
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-        let dir = db_dir(&self.db_path);
+        let dir = parent_dir(&self.db_path).to_path_buf();
         inotify
             .add_watch(
                 &dir,
@@ -757,7 +757,7 @@ impl Replicator {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         let hashes = &self.hashes;
-        let guard = &self.guards[self.active.expect("a guard is held")];
+        let guard = self.guard();
         let r = (|| -> Result<()> {
             let mut enc = Encoder::new(&header, &mut out)?;
             enc.begin_txn(&txn, &mut out)?;
@@ -1287,17 +1287,9 @@ impl Sink {
 
 use std::io::Write as _;
 
-/// The directory holding the database (watched with inotify).
-pub fn db_dir(db: &Path) -> PathBuf {
-    match db.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
 /// Start-up checks that need no database: its directory exists and every target is writable.
 pub fn preflight(cfg: &DbConfig) -> Result<()> {
-    let dir = db_dir(&cfg.db);
+    let dir = parent_dir(&cfg.db);
     if !dir.is_dir() {
         bail!(
             "db = \"{}\": directory {} does not exist",
@@ -1322,7 +1314,7 @@ pub fn wait_for_db(db: &Path, shutdown: &Shutdown) -> Result<bool> {
     tracing::info!(db = %db.display(), "waiting for the database to be created");
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
     inotify.add_watch(
-        &db_dir(db),
+        parent_dir(db),
         AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO,
     )?;
     while !db.exists() {

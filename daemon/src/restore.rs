@@ -15,7 +15,7 @@ use replited_core::plan::{plan_restore, PlanError, RestorePlan, Target};
 
 use crate::reader::decode_file;
 use crate::sqlite;
-use crate::storage::{sync_dir, Storage};
+use crate::storage::{parent_dir, sync_dir, Storage};
 
 /// What to restore and where.
 pub struct RestoreOptions {
@@ -145,7 +145,7 @@ pub fn restore(sources: &[&dyn Storage], opts: &RestoreOptions) -> Result<Option
     }
     fs::rename(&tmp, &opts.output)
         .with_context(|| format!("renaming {} to {}", tmp.display(), opts.output.display()))?;
-    sync_dir(parent(&opts.output))?;
+    sync_dir(parent_dir(&opts.output))?;
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         "restored {} ({} bytes) to txid {:016x} in {:.3}s ({:.1} MB/s)",
@@ -172,19 +172,12 @@ fn fmt_ms(ms: u64) -> String {
         .to_string()
 }
 
-fn parent(p: &Path) -> &Path {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    }
-}
-
 fn temp_path(out: &Path) -> PathBuf {
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "db".into());
-    parent(out).join(format!(".{name}.replited-restore-{}", std::process::id()))
+    parent_dir(out).join(format!(".{name}.replited-restore-{}", std::process::id()))
 }
 
 fn remove_db_files(p: &Path) {

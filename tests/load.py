@@ -13,6 +13,14 @@ any transaction can be rebuilt independently and compared with what a restore pr
   load.py expect I        prints "I<TAB>hash" for the content after transaction I, rebuilt in
                           memory from scratch.
   load.py checkpoint DB MODE   runs PRAGMA wal_checkpoint(MODE) and prints the result.
+  load.py fill DB MB      adds MB megabytes of incompressible rows (table fill) in one transaction.
+  load.py dump DB         prints a hash of the whole logical content (schema and every row).
+  load.py watch DB --until I [--timeout S] [--log FILE]
+                          a reader as an app would have one: ONE connection, opened once, reads
+                          (meta.i, the ledger) in a read transaction every ms; fails if the ledger
+                          total is ever not 4000 (a half-applied transaction) or i goes backwards;
+                          exits once i >= I, printing "i<TAB>hash<TAB>states seen" read through
+                          the same connection. --log appends "i<TAB>unix_ms" when i changes.
 """
 import hashlib
 import sqlite3
@@ -52,6 +60,12 @@ def apply(conn, i):
     if a != b:
         conn.execute("UPDATE ledger SET balance = balance - ? WHERE acct = ?", (i % 17, a))
         conn.execute("UPDATE ledger SET balance = balance + ? WHERE acct = ?", (i % 17, b))
+    if i % 2500 == 0:
+        # A schema change now and then (the schema cookie moves).
+        conn.execute(f"CREATE TABLE side_{i} (x INTEGER NOT NULL)")
+        conn.execute(f"INSERT INTO side_{i} (x) VALUES (?)", (i,))
+        if i == 2500:
+            conn.execute("CREATE INDEX items_val ON items (val)")
     conn.execute("UPDATE meta SET v = ? WHERE k = 'i'", (i,))
 
 
@@ -123,5 +137,68 @@ def cmd_checkpoint(args):
     conn.close()
 
 
+def cmd_fill(args):
+    conn = connect(args[0])
+    mb = int(args[1])
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("CREATE TABLE IF NOT EXISTS fill (id INTEGER PRIMARY KEY, b BLOB NOT NULL)")
+    for _ in range(mb * 16):
+        conn.execute("INSERT INTO fill (b) VALUES (randomblob(65536))")
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+def cmd_dump(args):
+    conn = sqlite3.connect(f"file:{args[0]}?mode=ro", uri=True)
+    h = hashlib.sha256()
+    for line in conn.iterdump():
+        h.update(line.encode())
+        h.update(b"\n")
+    print(h.hexdigest())
+
+
+def cmd_watch(args):
+    db = args[0]
+    opts = dict(zip(args[1::2], args[2::2]))
+    until = int(opts["--until"])
+    deadline = time.monotonic() + float(opts.get("--timeout", 600))
+    log = open(opts["--log"], "a") if "--log" in opts else None
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+    last, states = -1, 0
+    while True:
+        conn.execute("BEGIN")
+        i = conn.execute("SELECT v FROM meta WHERE k = 'i'").fetchone()[0]
+        total = conn.execute("SELECT sum(balance) FROM ledger").fetchone()[0]
+        conn.execute("COMMIT")
+        if total != 4000:
+            sys.exit(f"half a transaction seen: ledger total {total} at i={i}")
+        if i < last:
+            sys.exit(f"i went backwards: {last} -> {i}")
+        if i != last:
+            states += 1
+            last = i
+            if log:
+                log.write(f"{i}\t{int(time.time() * 1000)}\n")
+                log.flush()
+        if i >= until:
+            break
+        if time.monotonic() > deadline:
+            sys.exit(f"timed out at i={i}, waiting for {until}")
+        time.sleep(0.001)
+    conn.execute("BEGIN")
+    h = content_hash(conn)
+    conn.execute("COMMIT")
+    print(f"{last}\t{h}\t{states}")
+
+
 if __name__ == "__main__":
-    {"run": cmd_run, "state": cmd_state, "expect": cmd_expect, "checkpoint": cmd_checkpoint}[sys.argv[1]](sys.argv[2:])
+    {
+        "run": cmd_run,
+        "state": cmd_state,
+        "expect": cmd_expect,
+        "checkpoint": cmd_checkpoint,
+        "fill": cmd_fill,
+        "dump": cmd_dump,
+        "watch": cmd_watch,
+    }[sys.argv[1]](sys.argv[2:])

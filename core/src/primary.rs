@@ -21,7 +21,8 @@ use alloc::vec::Vec;
 
 use crate::pos::Pos;
 use crate::proto::{
-    encode_frame, validate, validate_pages, ErrorCode, Message, ProtoError, Txn, PROTOCOL_VERSION,
+    encode_frame, validate, validate_pages, ErrorCode, Message, ProtoError, Txn, MAX_MESSAGE_DATA,
+    PROTOCOL_VERSION,
 };
 
 /// Per-message overhead counted in the flow-control window besides page data.
@@ -588,8 +589,8 @@ impl PrimarySession {
                 break;
             };
             let (txid, time_ms) = (t.header.txid, t.header.time_ms);
-            if let Err(e) = self.send(&Message::Txn(t)) {
-                // Protocol version 1 cannot carry this transaction.
+            if let Err(e) = self.send_txn(t) {
+                // Cannot happen (parts are far below the frame limit); fail loudly.
                 self.send_error(
                     ErrorCode::Internal,
                     format!("transaction {txid} does not fit in a frame"),
@@ -610,6 +611,30 @@ impl PrimarySession {
         }
         out.append(&mut self.out);
         true
+    }
+
+    /// Sends one transaction: as `TxnPart`s of at most [`MAX_MESSAGE_DATA`]
+    /// bytes of pages, then its `Txn`, when it is larger than that.
+    fn send_txn(&mut self, mut t: Txn) -> Result<(), ProtoError> {
+        while t.data_len() > MAX_MESSAGE_DATA {
+            let mut n = 0;
+            let mut bytes = 0;
+            for (_, d) in &t.pages {
+                if n > 0 && bytes + d.len() > MAX_MESSAGE_DATA {
+                    break;
+                }
+                bytes += d.len();
+                n += 1;
+            }
+            let rest = t.pages.split_off(n);
+            let part = core::mem::replace(&mut t.pages, rest);
+            self.send(&Message::TxnPart {
+                generation: t.generation,
+                txid: t.header.txid,
+                pages: part,
+            })?;
+        }
+        self.send(&Message::Txn(t))
     }
 
     /// The next thing the daemon must do.

@@ -32,6 +32,9 @@ pub const FRAME_HEADER_LEN: usize = 4;
 pub const MAX_DB_NAME_LEN: usize = 255;
 /// The longest [`Message::Error`] message, in bytes.
 pub const MAX_ERROR_MESSAGE_LEN: usize = 4096;
+/// Page data carried by one `Txn` or `TxnPart` message at most: a larger
+/// transaction is sent as `TxnPart`s followed by its `Txn`.
+pub const MAX_MESSAGE_DATA: usize = 8 * 1024 * 1024;
 
 /// Why a peer refused or ended a conversation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -242,6 +245,18 @@ pub enum Message {
         /// Sender's txid.
         txid: u64,
     },
+    /// Primary → replica: the first pages of a transaction too large for one
+    /// message; more `TxnPart`s and then the transaction's `Txn` (with its
+    /// header and the last pages) follow. Page numbers keep increasing across
+    /// the parts and the `Txn`.
+    TxnPart {
+        /// Generation of the transaction.
+        generation: u64,
+        /// Its txid.
+        txid: u64,
+        /// (page number, data).
+        pages: Vec<(u32, Vec<u8>)>,
+    },
 }
 
 impl Message {
@@ -260,6 +275,7 @@ impl Message {
             Message::Txn(_) => "txn",
             Message::Ack { .. } => "ack",
             Message::Heartbeat { .. } => "heartbeat",
+            Message::TxnPart { .. } => "txn part",
         }
     }
 }
@@ -359,6 +375,8 @@ pub enum ProtoError {
     /// The session is closed.
     Closed,
 }
+
+impl core::error::Error for ProtoError {}
 
 impl fmt::Display for ProtoError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -674,6 +692,14 @@ pub fn validate(msg: &Message, page_size: Option<u32>) -> Result<(), ProtoError>
         Message::Ack {
             generation, txid, ..
         } => nonzero_pos(*generation, *txid)?,
+        Message::TxnPart {
+            generation,
+            txid,
+            pages,
+        } => {
+            nonzero_pos(*generation, *txid)?;
+            validate_pages(pages, 0, None, page_size)?;
+        }
         Message::RestoreConfigRequest
         | Message::RestoreConfig { .. }
         | Message::SnapshotRequest

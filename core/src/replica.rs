@@ -245,6 +245,9 @@ impl ReplicaState {
     }
 }
 
+/// (page number, data) pairs.
+type Pages = Vec<(u32, Vec<u8>)>;
+
 /// A transaction handed out for applying, not yet confirmed.
 #[derive(Clone, Copy, Debug)]
 struct Pending {
@@ -264,6 +267,9 @@ pub struct Replica {
     received: Option<Pos>,
     pending: VecDeque<Pending>,
     page_size: Option<u32>,
+    /// The pages of a transaction received so far in `TxnPart`s: its position,
+    /// the last page number, the pages.
+    partial: Option<(Pos, u32, Pages)>,
     primary_txid: u64,
     last_applied_time_ms: Option<u64>,
     out: Vec<u8>,
@@ -285,6 +291,7 @@ impl Replica {
             received: applied.map(|a| a.pos),
             pending: VecDeque::new(),
             page_size: None,
+            partial: None,
             primary_txid: 0,
             last_applied_time_ms: None,
             out: Vec::new(),
@@ -350,6 +357,7 @@ impl Replica {
         self.now_ms = now_ms;
         self.out.clear();
         self.ack_due = false;
+        self.partial = None;
         self.last_recv_ms = now_ms;
         self.state = ReplicaState::Hello;
         if self.applied.is_none() && self.pending.is_empty() {
@@ -390,6 +398,7 @@ impl Replica {
         self.applied = None;
         self.received = None;
         self.pending.clear();
+        self.partial = None;
         self.ack_due = false;
         self.last_applied_time_ms = None;
         self.request_restore();
@@ -577,6 +586,11 @@ impl Replica {
                 _ => self.fail(unexpected, true),
             },
             Message::Txn(txn) => self.on_txn(unexpected, txn),
+            Message::TxnPart {
+                generation,
+                txid,
+                pages,
+            } => self.on_txn_part(unexpected, Pos { generation, txid }, pages),
             Message::Hello { .. }
             | Message::RestoreConfigRequest
             | Message::SnapshotRequest
@@ -650,35 +664,96 @@ impl Replica {
         };
     }
 
-    fn on_txn(&mut self, unexpected: ProtoError, txn: Txn) {
+    /// Checks where a transaction (or a part of one) at `pos` fits: Some(true)
+    /// when it is the next one, Some(false) to drop it (a duplicate, or sent
+    /// before the primary saw a restore request); None when the replica
+    /// failed or rebuilds.
+    fn sequence(&mut self, unexpected: ProtoError, pos: Pos) -> Option<bool> {
         match self.state {
             ReplicaState::CatchingUp { .. } | ReplicaState::Streaming => {}
             // Sent before the primary saw our restore request or new Hello.
             ReplicaState::Hello
             | ReplicaState::Restoring {
                 step: RestoreStep::Requested | RestoreStep::Storage | RestoreStep::SnapshotRequested,
-            } => return,
-            _ => return self.fail(unexpected, true),
+            } => return Some(false),
+            _ => {
+                self.fail(unexpected, true);
+                return None;
+            }
         }
         let Some(recv) = self.received else {
-            return self.fail(unexpected, true);
+            self.fail(unexpected, true);
+            return None;
         };
-        if txn.generation != recv.generation {
-            return self.rebuild(RebuildReason::NewGeneration {
+        if pos.generation != recv.generation {
+            self.rebuild(RebuildReason::NewGeneration {
                 ours: recv.generation,
-                theirs: txn.generation,
+                theirs: pos.generation,
             });
+            return None;
         }
-        let txid = txn.header.txid;
-        if txid <= recv.txid {
-            return; // a duplicate: already applied or handed out
+        if pos.txid <= recv.txid {
+            return Some(false); // a duplicate: already applied or handed out
         }
-        if txid != recv.txid + 1 {
-            return self.rebuild(RebuildReason::Gap {
+        if pos.txid != recv.txid + 1 {
+            self.rebuild(RebuildReason::Gap {
                 expected: recv.txid + 1,
-                got: txid,
+                got: pos.txid,
             });
+            return None;
         }
+        Some(true)
+    }
+
+    fn on_txn_part(&mut self, unexpected: ProtoError, pos: Pos, pages: Vec<(u32, Vec<u8>)>) {
+        if self.sequence(unexpected, pos) != Some(true) {
+            return;
+        }
+        match &mut self.partial {
+            None => {
+                let last = pages.last().map_or(0, |p| p.0);
+                self.partial = Some((pos, last, pages));
+            }
+            Some((p, last, acc)) if *p == pos => {
+                if let Err(e) = validate_pages(&pages, *last, None, self.page_size) {
+                    return self.fail(e, true);
+                }
+                *last = pages.last().map_or(*last, |p| p.0);
+                acc.extend(pages);
+            }
+            Some(_) => self.fail(unexpected, true),
+        }
+    }
+
+    fn on_txn(&mut self, unexpected: ProtoError, mut txn: Txn) {
+        let pos = txn.pos();
+        if self.sequence(unexpected, pos) != Some(true) {
+            return;
+        }
+        if let Some((p, last, mut acc)) = self.partial.take() {
+            if p != pos {
+                return self.fail(unexpected, true);
+            }
+            if let Err(e) = validate_pages(&txn.pages, last, None, self.page_size) {
+                return self.fail(e, true);
+            }
+            if last > txn.header.db_pages {
+                return self.fail(
+                    ProtoError::PgnoBeyondDbSize {
+                        pgno: last,
+                        db_pages: txn.header.db_pages,
+                    },
+                    true,
+                );
+            }
+            acc.append(&mut txn.pages);
+            txn.pages = acc;
+        }
+        self.accept_txn(txn);
+    }
+
+    fn accept_txn(&mut self, txn: Txn) {
+        let txid = txn.header.txid;
         self.received = Some(txn.pos());
         self.primary_txid = self.primary_txid.max(txid);
         self.pending.push_back(Pending {

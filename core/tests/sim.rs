@@ -1011,46 +1011,78 @@ fn heartbeat_when_idle() {
 }
 
 #[test]
-fn transaction_too_large_for_a_frame_closes() {
+fn transaction_larger_than_a_frame_arrives_whole() {
     let big = 65536u32;
     let mut s = PrimarySession::new(DB, big);
     s.set_position(1, 1, 0);
-    s.handle_message(
-        0,
-        Message::Hello {
-            version: 1,
-            db: DB.into(),
-            pos: Some(Pos {
+    let mut r = Replica::new(
+        ReplicaConfig::new(DB),
+        Some(Applied {
+            pos: Pos {
                 generation: 1,
                 txid: 1,
-            }),
-            db_checksum: Some(0),
-        },
+            },
+            db_checksum: 0,
+        }),
+        0,
     );
-    let pages: Vec<(u32, Vec<u8>)> = (1..=258).map(|p| (p, vec![0u8; big as usize])).collect();
-    assert!(s.push_txn(Txn {
+    let mut wire = Vec::new();
+    r.poll_transmit(&mut wire);
+    for m in decode_all(&wire) {
+        s.handle_message(0, m);
+    }
+    // 600 pages of 64 KiB: 37.5 MiB, more than two frames.
+    let pages: Vec<(u32, Vec<u8>)> = (1..=600)
+        .map(|p| (p, vec![(p % 251) as u8; big as usize]))
+        .collect();
+    let txn = Txn {
         generation: 1,
         header: TxnInfo {
             txid: 2,
             time_ms: 0,
-            db_pages: 258,
-            db_checksum: 0,
+            db_pages: 600,
+            db_checksum: 7,
         },
         pages,
-    }));
-    let mut out = Vec::new();
-    assert!(s.poll_transmit(&mut out));
-    assert!(s.is_closed());
-    assert!(matches!(
-        s.poll_event(),
-        Some(PrimaryEvent::Error(ProtoError::MessageTooLarge(_)))
-    ));
-    let msgs = decode_all(&out);
-    assert!(matches!(
-        msgs.last(),
-        Some(Message::Error {
-            code: ErrorCode::Internal,
-            ..
-        })
-    ));
+    };
+    assert!(s.push_txn(txn.clone()));
+    wire.clear();
+    assert!(s.poll_transmit(&mut wire));
+    assert!(!s.is_closed());
+    let msgs = decode_all(&wire);
+    let parts = msgs
+        .iter()
+        .filter(|m| matches!(m, Message::TxnPart { .. }))
+        .count();
+    assert!(parts >= 4, "{parts} parts");
+    for m in msgs {
+        r.handle_message(1, m);
+    }
+    let mut got = None;
+    while let Some(e) = r.poll_event() {
+        if let ReplicaEvent::Apply { txn } = e {
+            assert!(got.is_none(), "one Apply per transaction");
+            got = Some(txn);
+        }
+    }
+    assert_eq!(got, Some(txn));
+    // A part that goes backwards is a protocol violation.
+    let mut r = streaming_replica(1, 2);
+    r.handle_message(
+        1,
+        Message::TxnPart {
+            generation: 1,
+            txid: 2,
+            pages: vec![(5, vec![0; PS as usize])],
+        },
+    );
+    r.handle_message(
+        1,
+        Message::TxnPart {
+            generation: 1,
+            txid: 2,
+            pages: vec![(3, vec![0; PS as usize])],
+        },
+    );
+    assert!(matches!(r.state(), ReplicaState::Failed { .. }));
 }

@@ -64,6 +64,17 @@ use crate::sqlite;
 /// number). [`Applier::stamp`] gives the primary's; the file may hold this SQLite's.
 pub type Page1Stamp = [u8; 12];
 
+/// The stamp bytes of a page 1 (see [`Page1Stamp`]).
+pub fn stamp_of(page1: &[u8]) -> Page1Stamp {
+    let mut s = [0u8; 12];
+    let mut at = 0;
+    for r in STAMP_RANGES {
+        s[at..at + r.len()].copy_from_slice(&page1[r.clone()]);
+        at += r.len();
+    }
+    s
+}
+
 /// Where the stamp's bytes live in page 1.
 const STAMP_RANGES: [std::ops::Range<usize>; 2] = [24..28, 92..100];
 
@@ -273,13 +284,13 @@ impl Applier {
     /// The primary's page-1 stamp of the current content (see [`Page1Stamp`]): keep it with
     /// the applied position to reopen the replica with [`Applier::open_with_stamp`].
     pub fn stamp(&self) -> Page1Stamp {
-        let mut s = [0u8; 12];
-        let mut at = 0;
-        for r in STAMP_RANGES {
-            s[at..at + r.len()].copy_from_slice(&self.page1[r.clone()]);
-            at += r.len();
-        }
-        s
+        stamp_of(&self.page1)
+    }
+
+    /// The schema cookie of the current content (page 1, bytes 40..44): it changes with every
+    /// schema change on the primary.
+    pub fn schema_cookie(&self) -> u32 {
+        u32::from_be_bytes(self.page1[40..44].try_into().expect("4 bytes"))
     }
 
     /// Applies one transaction — `pages` sorted by page number, each exactly one page long,

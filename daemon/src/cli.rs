@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -10,6 +11,7 @@ use replited_core::plan::Target;
 use crate::config::{db_name, Config, DEFAULT_CONFIG_PATH};
 use crate::replicate::{preflight, targets, wait_for_db, Replicator};
 use crate::restore::{restore, RestoreOptions};
+use crate::server::{Hub, Servers};
 use crate::shutdown::Shutdown;
 use crate::storage::{FsStorage, Storage};
 use crate::walfile::IoBackend;
@@ -67,6 +69,70 @@ pub enum Command {
         /// Replace the output file if it exists (its -wal and -shm are removed).
         #[arg(long)]
         force: bool,
+    },
+    /// Follow a primary as a read replica: restore when needed, then apply each of the
+    /// primary's transactions as one SQLite transaction, until SIGTERM/SIGINT.
+    ReplicaSidecar {
+        /// Restore from the primary's backup even if the database exists.
+        #[arg(long)]
+        force_restore: bool,
+        /// The app to run once the replica has caught up, e.g. "pocketbase serve --dir
+        /// /var/lib/pocketbase/pb_data" (run with /bin/sh; restarted when it exits, stopped
+        /// around a rebuild, sent SIGTERM when replited stops).
+        #[arg(long)]
+        exec: Option<String>,
+        /// Restart the app (--exec) when the primary changes the schema (PocketBase caches its
+        /// collections).
+        #[arg(long, requires = "exec")]
+        restart_on_schema_change: bool,
+    },
+    /// Make a development CA and the certificates of the stream transport (TLS is always on).
+    Cert {
+        /// What to make.
+        #[command(subcommand)]
+        what: CertCommand,
+    },
+}
+
+/// `replited cert ...`.
+#[derive(Subcommand, Debug)]
+pub enum CertCommand {
+    /// A new CA: DIR/ca.pem and DIR/ca-key.pem (refuses to replace an existing one).
+    Ca {
+        /// Where to write it.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "replited development CA")]
+        name: String,
+    },
+    /// A server certificate for a primary, signed by the CA in --ca-dir: OUT/NAME.pem and
+    /// OUT/NAME-key.pem.
+    Server {
+        /// The CA's directory.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Where to write it (default: the CA's directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The certificate's name (and file name).
+        #[arg(long, default_value = "primary")]
+        name: String,
+        /// DNS names and IP addresses replicas connect to (at least one; repeat the flag).
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+    },
+    /// A client certificate for a replica, signed by the CA in --ca-dir.
+    Client {
+        /// The CA's directory.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Where to write it (default: the CA's directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The certificate's name (and file name).
+        #[arg(long, default_value = "replica")]
+        name: String,
     },
 }
 
@@ -166,6 +232,45 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             Ok(())
         }
+        Command::ReplicaSidecar {
+            force_restore,
+            exec,
+            restart_on_schema_change,
+        } => {
+            let cfg = Config::load(&cli.config)?;
+            init_logging(cli.log_level.as_deref().unwrap_or(&cfg.log.level));
+            crate::sidecar::run(
+                cfg,
+                crate::sidecar::SidecarOptions {
+                    force_restore,
+                    exec,
+                    restart_on_schema_change,
+                },
+            )
+        }
+        Command::Cert { what } => {
+            init_logging(cli.log_level.as_deref().unwrap_or("info"));
+            cert(what)
+        }
+    }
+}
+
+fn cert(what: CertCommand) -> Result<()> {
+    match what {
+        CertCommand::Ca { dir, name } => crate::cert::make_ca(&dir, &name),
+        CertCommand::Server {
+            ca_dir,
+            out,
+            name,
+            sans,
+        } => {
+            let out = out.unwrap_or_else(|| ca_dir.clone());
+            crate::cert::make_cert(&ca_dir, &out, &name, &sans, false)
+        }
+        CertCommand::Client { ca_dir, out, name } => {
+            let out = out.unwrap_or_else(|| ca_dir.clone());
+            crate::cert::make_cert(&ca_dir, &out, &name, &[], true)
+        }
     }
 }
 
@@ -175,14 +280,30 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
         .map_err(|e| anyhow!("io_uring cannot be used: {e}"))?;
     tracing::info!("reading WALs with {}", io.name());
     let shutdown = std::sync::Arc::new(Shutdown::install()?);
+    let mut hubs = Vec::new();
     for d in &cfg.databases {
         preflight(d)
             .with_context(|| format!("{}: database {}", cfg.path.display(), d.db.display()))?;
+        if let Some((target, p)) = d.stream() {
+            if targets(d).is_empty() {
+                bail!(
+                    "{}: database {}: replicate \"{target}\": a stream server needs a storage target (type = \"fs\") beside it: replicas restore from it and catch up from its history",
+                    cfg.path.display(),
+                    d.db.display()
+                );
+            }
+            hubs.push((Arc::new(Hub::new(d)), target.to_string(), p.clone()));
+        }
     }
+    let servers = Servers::start(hubs.clone()).with_context(|| cfg.path.display().to_string())?;
     let mut handles = Vec::new();
     for d in cfg.databases.iter().cloned() {
         let sd = shutdown.clone();
         let name = db_name(&d.db);
+        let hub = hubs
+            .iter()
+            .find(|h| h.0.name() == name)
+            .map(|h| h.0.clone());
         handles.push((
             d.db.clone(),
             std::thread::Builder::new()
@@ -192,7 +313,11 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
                         if !wait_for_db(&d.db, &sd)? {
                             return Ok(());
                         }
-                        Replicator::open(d, io)?.run(&sd)
+                        let mut r = Replicator::open(d, io)?;
+                        if let Some(h) = hub {
+                            r.set_hub(h);
+                        }
+                        r.run(&sd)
                     })();
                     if r.is_err() {
                         // One database failing for good stops the service, so systemd's restart
@@ -204,8 +329,12 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
         ));
     }
     let mut failed = None;
+    let handles: Vec<_> = handles.into_iter().map(|(db, h)| (db, h.join())).collect();
+    if let Some(s) = servers {
+        s.stop();
+    }
     for (db, h) in handles {
-        match h.join() {
+        match h {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::error!("{}: {e:#}", db.display());

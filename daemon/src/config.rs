@@ -198,6 +198,35 @@ pub struct ReplicateConfig {
 pub enum TargetParams {
     /// `type = "fs"`: a local directory.
     Fs(FsParams),
+    /// `type = "stream"`: the QUIC stream server on a primary (`replicate`), or the primary a
+    /// replica follows (`replica-sidecar`).
+    Stream(StreamParams),
+}
+
+/// `type = "stream"`. Which keys are needed depends on the role: the primary's stream server
+/// needs `tls-cert` and `tls-key` (and `tls-client-ca` to require client certificates); a
+/// replica needs `tls-ca` (and `tls-cert`/`tls-key` when the primary requires them).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StreamParams {
+    /// `quic://HOST:PORT` or `http://HOST:PORT`: where the primary listens (primary: the
+    /// address to bind, e.g. `quic://0.0.0.0:50051`; replica: the primary's address).
+    pub addr: String,
+    /// Certificate chain (PEM): the server's on the primary, the client's on a replica.
+    #[serde(default, alias = "tls_cert")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls-cert` (PEM).
+    #[serde(default, alias = "tls_key")]
+    pub tls_key: Option<PathBuf>,
+    /// Primary: replicas must present a certificate signed by this CA (PEM).
+    #[serde(default, alias = "tls_client_ca")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Replica: the CA the primary's certificate must chain to (PEM).
+    #[serde(default, alias = "tls_ca")]
+    pub tls_ca: Option<PathBuf>,
+    /// Replica: the name the primary's certificate must hold (default: the host of `addr`).
+    #[serde(default, alias = "server_name")]
+    pub server_name: Option<String>,
 }
 
 /// `type = "fs"`.
@@ -221,16 +250,14 @@ impl<'de> Deserialize<'de> for ReplicateConfig {
         let mut params = raw.params;
         let ty = match params.remove("type") {
             Some(toml::Value::String(s)) => s,
-            Some(other) => {
-                return Err(de::Error::custom(format!(
-                    "replicate \"{}\": params.type must be a string (\"fs\"), found {}",
-                    raw.name,
-                    other.type_str()
-                )))
-            }
+            Some(other) => return Err(de::Error::custom(format!(
+                "replicate \"{}\": params.type must be a string (\"fs\" or \"stream\"), found {}",
+                raw.name,
+                other.type_str()
+            ))),
             None => {
                 return Err(de::Error::custom(format!(
-                    "replicate \"{}\": missing params.type (expected \"fs\")",
+                    "replicate \"{}\": missing params.type (expected \"fs\" or \"stream\")",
                     raw.name
                 )))
             }
@@ -247,15 +274,33 @@ impl<'de> Deserialize<'de> for ReplicateConfig {
                         ))
                     })?,
             ),
-            "s3" | "stream" => {
+            "stream" => {
+                let sp = toml::Value::Table(params)
+                    .try_into::<StreamParams>()
+                    .map_err(|e| {
+                        de::Error::custom(format!(
+                            "replicate \"{}\": params: {}",
+                            raw.name,
+                            e.message()
+                        ))
+                    })?;
+                if let Err(e) = crate::transport::parse_stream_addr(&sp.addr) {
+                    return Err(de::Error::custom(format!(
+                        "replicate \"{}\": params.addr: {e}",
+                        raw.name
+                    )));
+                }
+                TargetParams::Stream(sp)
+            }
+            "s3" => {
                 return Err(de::Error::custom(format!(
-                    "replicate \"{}\": params.type \"{ty}\" is not supported by this build (supported: \"fs\")",
+                    "replicate \"{}\": params.type \"{ty}\" is not supported by this build (supported: \"fs\", \"stream\")",
                     raw.name
                 )))
             }
             _ => {
                 return Err(de::Error::custom(format!(
-                    "replicate \"{}\": unknown params.type \"{ty}\" (expected \"fs\")",
+                    "replicate \"{}\": unknown params.type \"{ty}\" (expected \"fs\" or \"stream\")",
                     raw.name
                 )))
             }
@@ -373,13 +418,25 @@ impl Config {
                         t.name
                     )));
                 }
-                let TargetParams::Fs(fs) = &t.params;
-                if fs.root.as_os_str().is_empty() {
-                    return Err(ConfigError(format!(
-                        "{p}: {key}.replicate \"{}\": params.root must not be empty",
-                        t.name
-                    )));
+                if let TargetParams::Fs(fs) = &t.params {
+                    if fs.root.as_os_str().is_empty() {
+                        return Err(ConfigError(format!(
+                            "{p}: {key}.replicate \"{}\": params.root must not be empty",
+                            t.name
+                        )));
+                    }
                 }
+            }
+            if db
+                .replicate
+                .iter()
+                .filter(|t| matches!(t.params, TargetParams::Stream(_)))
+                .count()
+                > 1
+            {
+                return Err(ConfigError(format!(
+                    "{p}: {key} has more than one replicate target of type \"stream\"; one stream server (or one primary to follow) per database"
+                )));
             }
             if db.max_checkpoint_page_count < db.min_checkpoint_page_count {
                 return Err(ConfigError(format!(
@@ -408,6 +465,16 @@ impl Config {
             self.databases
                 .iter()
                 .find(|d| canon(&d.db) == Some(w.clone()))
+        })
+    }
+}
+
+impl DbConfig {
+    /// The `type = "stream"` target, if any, with its name.
+    pub fn stream(&self) -> Option<(&str, &StreamParams)> {
+        self.replicate.iter().find_map(|t| match &t.params {
+            TargetParams::Stream(s) => Some((t.name.as_str(), s)),
+            _ => None,
         })
     }
 }

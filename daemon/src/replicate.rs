@@ -28,6 +28,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -37,12 +38,14 @@ use replited_core::format::{self, Encoder, Event, FileHeader, Kind, TxnHeader};
 use replited_core::hash::{page_hash, DbHashes};
 use replited_core::name::FileMeta;
 use replited_core::plan;
+use replited_core::proto::{Txn, TxnInfo};
 use replited_core::scan::{Frame, PageRef, WalPos, WalScanner, WalTxn};
 use replited_core::wal::{FrameHeader, WalHeader, FRAME_HEADER_LEN, WAL_HEADER_LEN};
 use rusqlite::Connection;
 
 use crate::config::{db_name, Compression, DbConfig, TargetParams};
 use crate::reader::{decode_file, read_header};
+use crate::server::Hub;
 use crate::shutdown::Shutdown;
 use crate::sqlite;
 use crate::storage::{parent_dir, FsStorage, ObjectWriter, Storage};
@@ -64,16 +67,20 @@ pub struct Target {
     pub storage: Box<dyn Storage>,
 }
 
-/// Builds the targets of a database from its config.
+/// Builds the storage targets of a database from its config (a stream server is not one).
 pub fn targets(cfg: &DbConfig) -> Vec<Target> {
     let name = db_name(&cfg.db);
     cfg.replicate
         .iter()
-        .map(|r| Target {
-            name: r.name.clone(),
-            storage: match &r.params {
+        .filter_map(|r| {
+            let storage = match &r.params {
                 TargetParams::Fs(p) => Box::new(FsStorage::new(&p.root, &name)) as Box<dyn Storage>,
-            },
+                TargetParams::Stream(_) => return None,
+            };
+            Some(Target {
+                name: r.name.clone(),
+                storage,
+            })
         })
         .collect()
 }
@@ -157,6 +164,8 @@ pub struct Replicator {
     backfilled: Option<(u32, u64)>,
     /// Continuity with the WAL was lost: establish it again before capturing.
     needs_establish: bool,
+    /// The stream server's feed, when replicas follow this database.
+    hub: Option<Arc<Hub>>,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -233,10 +242,16 @@ impl Replicator {
             retry_at: None,
             backfilled: None,
             needs_establish: false,
+            hub: None,
             buf: Vec::new(),
             out: Vec::new(),
             cfg,
         })
+    }
+
+    /// Publishes every durable transaction to `hub` (the stream server's feed).
+    pub fn set_hub(&mut self, hub: Arc<Hub>) {
+        self.hub = Some(hub);
     }
 
     fn span(&self) -> tracing::Span {
@@ -257,6 +272,7 @@ impl Replicator {
             .with_context(|| format!("watching {} with inotify", dir.display()))?;
         self.inotify = Some(inotify);
         self.establish()?;
+        self.announce();
         tracing::info!(
             generation = self.generation,
             txid = self.txid,
@@ -388,6 +404,7 @@ impl Replicator {
         if self.needs_establish {
             self.establish()?;
             self.needs_establish = false;
+            self.announce();
         }
         if let Some(since) = self.batch_since {
             if since.elapsed() >= self.cfg.sync_interval {
@@ -686,16 +703,26 @@ impl Replicator {
         let mut sink = Sink::create(&self.targets, &meta)?;
         let mut out = std::mem::take(&mut self.out);
         out.clear();
+        let mut stream: Vec<Txn> = Vec::new();
         let r = (|| -> Result<()> {
             let mut enc = Encoder::new(&header, &mut out)?;
             let ps = self.hashes.page_size() as usize;
             let mut data = Vec::new();
+            let streaming = self.hub.is_some();
             for c in &self.batch {
                 enc.begin_txn(&c.header, &mut out)?;
+                let mut txn = streaming.then(|| Txn {
+                    generation: self.generation,
+                    header: TxnInfo::from(&c.header),
+                    pages: Vec::with_capacity(c.header.page_count as usize),
+                });
                 match &c.pages {
                     Pages::Inline(pages) => {
                         for (pgno, d) in pages {
                             enc.page(*pgno, d, &mut out)?;
+                        }
+                        if let Some(t) = txn.as_mut() {
+                            t.pages.clone_from(pages);
                         }
                     }
                     Pages::Wal(refs) => {
@@ -716,11 +743,15 @@ impl Replicator {
                                     .into());
                                 }
                                 enc.page(p.pgno, page, &mut out)?;
+                                if let Some(t) = txn.as_mut() {
+                                    t.pages.push((p.pgno, page.to_vec()));
+                                }
                             }
                         }
                     }
                 }
                 sink.spill(&mut out)?;
+                stream.extend(txn);
             }
             enc.finish(&mut out)?;
             Ok(())
@@ -735,6 +766,9 @@ impl Replicator {
             "segment written"
         );
         self.files.push(meta);
+        if let Some(hub) = &self.hub {
+            hub.publish(self.generation, self.hashes.page_size(), stream);
+        }
         self.batch.clear();
         self.batch_wal = None;
         self.batch_since = None;
@@ -867,6 +901,21 @@ impl Replicator {
             page_size: h.page_size,
             page_count: h.db_pages,
         }))
+    }
+
+    /// Tells the stream server the durable position after (re-)establishing. With captured
+    /// transactions still to write, their publication does it instead.
+    fn announce(&self) {
+        if let Some(hub) = &self.hub {
+            if self.batch.is_empty() && self.generation != 0 {
+                hub.set_position(
+                    self.generation,
+                    self.txid,
+                    self.hashes.checksum(),
+                    self.hashes.page_size(),
+                );
+            }
+        }
     }
 
     fn max_txid(&self) -> u64 {

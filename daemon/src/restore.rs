@@ -42,6 +42,12 @@ pub struct Restored {
     pub time_ms: u64,
     /// Size of the database.
     pub bytes: u64,
+    /// Its size in pages.
+    pub db_pages: u32,
+    /// Its page size.
+    pub page_size: u32,
+    /// Its whole-database checksum.
+    pub db_checksum: u64,
 }
 
 /// Restores from the best of `sources` (the one whose plan reaches furthest).
@@ -136,16 +142,7 @@ pub fn restore(sources: &[&dyn Storage], opts: &RestoreOptions) -> Result<Option
             );
         }
     }
-    // A -wal or -shm left by an older database at the output path would be replayed onto the
-    // new one: they go first.
-    for suffix in ["-wal", "-shm"] {
-        let mut p = opts.output.clone().into_os_string();
-        p.push(suffix);
-        let _ = fs::remove_file(PathBuf::from(p));
-    }
-    fs::rename(&tmp, &opts.output)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), opts.output.display()))?;
-    sync_dir(parent_dir(&opts.output))?;
+    install(&tmp, &opts.output)?;
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
         "restored {} ({} bytes) to txid {:016x} in {:.3}s ({:.1} MB/s)",
@@ -156,6 +153,21 @@ pub fn restore(sources: &[&dyn Storage], opts: &RestoreOptions) -> Result<Option
         done.bytes as f64 / 1e6 / secs.max(1e-9)
     );
     Ok(Some(done))
+}
+
+/// Puts a verified database file in place of `output`: a `-wal` or `-shm` left by an older
+/// database at the output path would be replayed onto the new one, so they go first; then the
+/// rename and the directory fsync.
+pub fn install(tmp: &Path, output: &Path) -> Result<()> {
+    for suffix in ["-wal", "-shm"] {
+        let mut p = output.to_path_buf().into_os_string();
+        p.push(suffix);
+        let _ = fs::remove_file(PathBuf::from(p));
+    }
+    fs::rename(tmp, output)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), output.display()))?;
+    sync_dir(parent_dir(output))?;
+    Ok(())
 }
 
 impl RestoreOptions {
@@ -172,7 +184,8 @@ fn fmt_ms(ms: u64) -> String {
         .to_string()
 }
 
-fn temp_path(out: &Path) -> PathBuf {
+/// A temporary file name beside `out`, unique to this process.
+pub fn temp_path(out: &Path) -> PathBuf {
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -180,7 +193,8 @@ fn temp_path(out: &Path) -> PathBuf {
     parent_dir(out).join(format!(".{name}.replited-restore-{}", std::process::id()))
 }
 
-fn remove_db_files(p: &Path) {
+/// Removes a database file and its -wal, -shm and -journal.
+pub fn remove_db_files(p: &Path) {
     let _ = fs::remove_file(p);
     for suffix in ["-wal", "-shm", "-journal"] {
         let mut q = p.to_path_buf().into_os_string();
@@ -237,6 +251,9 @@ fn build(
         txid: last.txid,
         time_ms: last.time_ms,
         bytes: file.metadata()?.len(),
+        db_pages: last.db_pages,
+        page_size: st.hashes.as_ref().map_or(0, |h| h.page_size()),
+        db_checksum: last.db_checksum,
     })
 }
 

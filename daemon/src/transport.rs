@@ -484,6 +484,13 @@ impl FramedStream {
         Ok(())
     }
 
+    /// Sends bytes that are already whole frames (from a state machine's `poll_transmit`).
+    /// Not cancel-safe, like [`FramedStream::send`].
+    pub async fn send_frames(&mut self, frames: &[u8]) -> Result<(), TransportError> {
+        self.send.write_all(frames).await?;
+        Ok(())
+    }
+
     /// Receives the next message; `Ok(None)` when the peer finished the stream cleanly between
     /// frames. Cancel-safe: bytes read are kept in the decoder if the future is dropped.
     pub async fn recv(&mut self) -> Result<Option<Message>, TransportError> {

@@ -1,0 +1,625 @@
+//! The primary's stream server: read replicas connect over QUIC and receive every committed
+//! transaction (`docs/PROTOCOL.md`).
+//!
+//! The capture thread of each database publishes what it made durable to that database's
+//! [`Hub`]: the position, and the transactions themselves, kept in memory for a while
+//! ([`RECENT_BYTES`]). A session per replica (one QUIC stream, a [`PrimarySession`]) takes the
+//! transactions a replica needs from the hub, or — for a replica further behind — reads them
+//! back from the database's storage target, checksummed like every stored byte. Transactions
+//! are streamed only once they are durable in storage, so a replica never holds history the
+//! backups lack.
+//!
+//! A new replica is told where the backups are (`RestoreConfig`: the storage directory); if it
+//! cannot read them, the session restores the latest backup into a temporary file here and
+//! streams it as a snapshot.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use replited_core::format::{Event, Kind};
+use replited_core::pos::Pos;
+use replited_core::primary::{PrimaryConfig, PrimaryEvent, PrimarySession};
+use replited_core::proto::{Message, Txn, TxnInfo};
+use tokio::sync::watch;
+
+use crate::config::{db_name, DbConfig, StreamParams, TargetParams};
+use crate::reader::decode_file;
+use crate::replicate::{now_ms, targets};
+use crate::restore::{remove_db_files, restore, RestoreOptions};
+use crate::storage::Storage;
+use crate::transport::{self, FramedStream, ServerTls};
+
+/// Bytes of recent transactions each hub keeps in memory for replicas that are a little
+/// behind (older ones are read back from storage).
+pub const RECENT_BYTES: usize = 64 << 20;
+/// Bytes of transactions read back from storage per request.
+const HISTORY_BATCH_BYTES: usize = 16 << 20;
+/// Bytes of pages per `SnapshotPages` message.
+const SNAPSHOT_BATCH_BYTES: usize = 1 << 20;
+/// How long a new stream may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a hub knows.
+#[derive(Default)]
+struct HubState {
+    page_size: u32,
+    /// The position durable in storage and its checksum.
+    pos: Option<(Pos, u64)>,
+    recent: VecDeque<Arc<Txn>>,
+    recent_bytes: usize,
+    /// Replicas connected, by peer: last acknowledged txid and lag.
+    replicas: HashMap<String, (u64, u64)>,
+}
+
+/// One database's feed of durable transactions, shared by its capture thread and the sessions
+/// of its replicas.
+pub struct Hub {
+    name: String,
+    state: Mutex<HubState>,
+    changed: watch::Sender<u64>,
+    storage: Vec<Box<dyn Storage>>,
+    /// What a new replica is told to restore from.
+    restore_config: Option<Vec<u8>>,
+    /// Where snapshots to stream are built.
+    scratch: PathBuf,
+}
+
+/// Why transactions cannot be supplied.
+#[derive(Debug)]
+enum History {
+    /// Not in memory nor in storage.
+    Unavailable(String),
+}
+
+impl Hub {
+    /// The hub of a database from its config (its storage targets give history and the
+    /// restore config).
+    pub fn new(cfg: &DbConfig) -> Hub {
+        let name = db_name(&cfg.db);
+        let restore_config = cfg.replicate.iter().find_map(|t| match &t.params {
+            TargetParams::Fs(p) => {
+                let root = std::fs::canonicalize(&p.root).unwrap_or_else(|_| p.root.clone());
+                Some(restore_config_fs(&root.join(&name)))
+            }
+            TargetParams::Stream(_) => None,
+        });
+        Hub {
+            scratch: crate::storage::parent_dir(&cfg.db).to_path_buf(),
+            name,
+            state: Mutex::new(HubState::default()),
+            changed: watch::channel(0).0,
+            storage: targets(cfg).into_iter().map(|t| t.storage).collect(),
+            restore_config,
+        }
+    }
+
+    /// The database name replicas ask for.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// The durable position (capture start-up, a new generation).
+    pub fn set_position(&self, generation: u64, txid: u64, db_checksum: u64, page_size: u32) {
+        let mut st = self.state.lock().expect("hub lock");
+        if st.pos.is_some_and(|(p, _)| p.generation != generation) || st.page_size != page_size {
+            st.recent.clear();
+            st.recent_bytes = 0;
+        }
+        st.page_size = page_size;
+        st.pos = Some((Pos { generation, txid }, db_checksum));
+        drop(st);
+        self.bump();
+    }
+
+    /// Transactions just made durable, in txid order.
+    pub fn publish(&self, generation: u64, page_size: u32, txns: Vec<Txn>) {
+        let Some(last) = txns.last() else { return };
+        let pos = (last.pos(), last.header.db_checksum);
+        let mut st = self.state.lock().expect("hub lock");
+        let continues = st
+            .pos
+            .is_some_and(|(p, _)| p.generation == generation && txns[0].header.txid == p.txid + 1)
+            && st.page_size == page_size;
+        if !continues {
+            st.recent.clear();
+            st.recent_bytes = 0;
+        }
+        st.page_size = page_size;
+        st.pos = Some(pos);
+        for t in txns {
+            st.recent_bytes += t.data_len() + 64;
+            st.recent.push_back(Arc::new(t));
+        }
+        while st.recent_bytes > RECENT_BYTES && st.recent.len() > 1 {
+            let t = st.recent.pop_front().expect("non-empty");
+            st.recent_bytes -= t.data_len() + 64;
+        }
+        drop(st);
+        self.bump();
+    }
+
+    fn position(&self) -> (u32, Option<(Pos, u64)>) {
+        let st = self.state.lock().expect("hub lock");
+        (st.page_size, st.pos)
+    }
+
+    /// The last acknowledged txid and lag (ms) of each connected replica.
+    pub fn replicas(&self) -> Vec<(String, u64, u64)> {
+        let st = self.state.lock().expect("hub lock");
+        st.replicas
+            .iter()
+            .map(|(k, (t, l))| (k.clone(), *t, *l))
+            .collect()
+    }
+
+    /// The transactions after `after` from memory, when memory reaches back that far.
+    fn recent_after(&self, after: Pos) -> Option<Vec<Arc<Txn>>> {
+        let st = self.state.lock().expect("hub lock");
+        let first = st.recent.front()?;
+        if first.generation != after.generation || first.header.txid > after.txid + 1 {
+            return None;
+        }
+        Some(
+            st.recent
+                .iter()
+                .filter(|t| t.header.txid > after.txid)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// Transactions after `after` (at least one), from memory or read back from storage.
+    fn txns_after(&self, after: Pos) -> Result<Vec<Arc<Txn>>, History> {
+        if let Some(v) = self.recent_after(after) {
+            if !v.is_empty() {
+                return Ok(v);
+            }
+        }
+        let mut last_err = String::from("no storage target holds them");
+        for s in &self.storage {
+            match read_history(&**s, after) {
+                Ok(v) if !v.is_empty() => return Ok(v.into_iter().map(Arc::new).collect()),
+                Ok(_) => {}
+                Err(e) => last_err = format!("{}: {e:#}", s.describe()),
+            }
+        }
+        Err(History::Unavailable(format!(
+            "transactions after {after} are not in memory nor in storage ({last_err})"
+        )))
+    }
+
+    /// Restores the latest backup into a scratch file (removed on drop) for streaming.
+    fn build_snapshot(&self) -> Result<ScratchDb> {
+        let path = self.scratch.join(format!(
+            ".{}.replited-snapshot-{}-{}",
+            self.name,
+            std::process::id(),
+            now_ms()
+        ));
+        let refs: Vec<&dyn Storage> = self.storage.iter().map(|s| &**s).collect();
+        let r = restore(
+            &refs,
+            &RestoreOptions {
+                target: replited_core::plan::Target::Latest,
+                output: path.clone(),
+                force: true,
+                if_db_not_exists: false,
+                if_replica_exists: false,
+            },
+        );
+        let mut scratch = ScratchDb {
+            path,
+            restored: None,
+        };
+        scratch.restored = Some(r?.ok_or_else(|| anyhow!("NoSnapshotError: nothing to stream"))?);
+        Ok(scratch)
+    }
+}
+
+/// A database file restored for streaming; deleted when dropped.
+struct ScratchDb {
+    path: PathBuf,
+    restored: Option<crate::restore::Restored>,
+}
+
+impl Drop for ScratchDb {
+    fn drop(&mut self) {
+        remove_db_files(&self.path);
+    }
+}
+
+/// The restore config of an fs target: TOML naming the directory that holds the database's
+/// backups. Parsed back by [`parse_restore_config`].
+pub fn restore_config_fs(dir: &Path) -> Vec<u8> {
+    let mut t = toml::Table::new();
+    t.insert("type".into(), toml::Value::String("fs".into()));
+    t.insert(
+        "path".into(),
+        toml::Value::String(dir.to_string_lossy().into_owned()),
+    );
+    toml::to_string(&t).unwrap_or_default().into_bytes()
+}
+
+/// Where a restore config says the backups are.
+pub fn parse_restore_config(bytes: &[u8]) -> Result<PathBuf> {
+    let text = std::str::from_utf8(bytes).context("restore config is not UTF-8")?;
+    let t: toml::Table = toml::from_str(text).context("restore config is not TOML")?;
+    match (t.get("type"), t.get("path")) {
+        (Some(toml::Value::String(ty)), Some(toml::Value::String(p))) if ty == "fs" => {
+            Ok(PathBuf::from(p))
+        }
+        _ => bail!("restore config of an unknown kind: {text:?}"),
+    }
+}
+
+/// Reads the transactions after `after` back from one storage target: the chain of segments
+/// (largest first) that continues from `after`, up to [`HISTORY_BATCH_BYTES`].
+fn read_history(storage: &dyn Storage, after: Pos) -> Result<Vec<Txn>> {
+    let mut files: Vec<_> = storage
+        .list()?
+        .into_iter()
+        .filter(|m| m.kind == Kind::Segment && m.generation == after.generation)
+        .collect();
+    files.sort_by_key(|m| (m.first_txid, std::cmp::Reverse(m.last_txid)));
+    let mut out: Vec<Txn> = Vec::new();
+    let mut bytes = 0usize;
+    let mut next = after.txid + 1;
+    while bytes < HISTORY_BATCH_BYTES {
+        // The file that holds `next` and reaches furthest.
+        let Some(m) = files
+            .iter()
+            .filter(|m| m.first_txid <= next && m.last_txid >= next)
+            .max_by_key(|m| m.last_txid)
+        else {
+            break;
+        };
+        let mut cur: Option<Txn> = None;
+        let mut done: Vec<Txn> = Vec::new();
+        decode_file(storage, m, |ev, dec| {
+            match ev {
+                Event::Txn(h) => {
+                    done.extend(cur.take());
+                    if h.txid >= next {
+                        cur = Some(Txn {
+                            generation: after.generation,
+                            header: TxnInfo::from(h),
+                            pages: Vec::with_capacity(h.page_count as usize),
+                        });
+                    }
+                }
+                Event::Page(pgno) => {
+                    if let Some(t) = cur.as_mut() {
+                        t.pages.push((*pgno, dec.page().to_vec()));
+                    }
+                }
+                Event::Header(_) | Event::End => {}
+            }
+            Ok(true)
+        })?;
+        done.extend(cur.take());
+        for t in done {
+            if t.header.txid != next {
+                bail!(
+                    "{}: expected txid {next}, found {}",
+                    storage.locate(m),
+                    t.header.txid
+                );
+            }
+            next += 1;
+            bytes += t.data_len();
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// The stream servers of every database with a `type = "stream"` target, on a runtime thread
+/// of their own. Databases that name the same address share one QUIC endpoint (the replica's
+/// Hello says which database it wants).
+pub struct Servers {
+    thread: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+/// The server TLS of a stream target, or why it is incomplete.
+pub fn server_tls(name: &str, p: &StreamParams) -> Result<ServerTls> {
+    let (Some(cert), Some(key)) = (&p.tls_cert, &p.tls_key) else {
+        bail!(
+            "replicate \"{name}\": a stream server needs params.tls_cert and params.tls_key (TLS is always on; `replited cert` makes a development CA and certificates)"
+        );
+    };
+    for (k, f) in [("tls_cert", Some(cert)), ("tls_key", Some(key))]
+        .into_iter()
+        .chain([("tls_client_ca", p.tls_client_ca.as_ref())])
+    {
+        if let Some(f) = f {
+            if !f.is_file() {
+                bail!(
+                    "replicate \"{name}\": params.{k} = \"{}\" does not exist",
+                    f.display()
+                );
+            }
+        }
+    }
+    Ok(ServerTls {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: p.tls_client_ca.clone(),
+    })
+}
+
+/// Resolves a stream target's address for binding.
+fn bind_addr(p: &StreamParams) -> Result<SocketAddr> {
+    let (host, port) = transport::parse_stream_addr(&p.addr)?;
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {}", p.addr))?
+        .next()
+        .ok_or_else(|| anyhow!("{} resolves to no address", p.addr))
+}
+
+impl Servers {
+    /// Binds every stream server (errors here stop start-up) and serves until [`Servers::stop`].
+    pub fn start(hubs: Vec<(Arc<Hub>, String, StreamParams)>) -> Result<Option<Servers>> {
+        if hubs.is_empty() {
+            return Ok(None);
+        }
+        // Group by bind address.
+        let mut groups: Vec<(SocketAddr, ServerTls, HashMap<String, Arc<Hub>>)> = Vec::new();
+        for (hub, target, p) in hubs {
+            let tls = server_tls(&target, &p)?;
+            let addr = bind_addr(&p)?;
+            match groups.iter_mut().find(|g| g.0 == addr) {
+                Some(g) => {
+                    if g.1.cert != tls.cert || g.1.key != tls.key || g.1.client_ca != tls.client_ca
+                    {
+                        bail!("replicate \"{target}\": {addr} is shared with another database but with other TLS settings");
+                    }
+                    g.2.insert(hub.name().to_string(), hub);
+                }
+                None => {
+                    let mut m = HashMap::new();
+                    m.insert(hub.name().to_string(), hub);
+                    groups.push((addr, tls, m));
+                }
+            }
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("stream")
+            .enable_all()
+            .build()?;
+        let mut endpoints = Vec::new();
+        {
+            let _g = rt.enter();
+            for (addr, tls, hubs) in groups {
+                let ep = transport::server_endpoint(addr, &tls)
+                    .with_context(|| format!("stream server on {addr}"))?;
+                endpoints.push((ep, Arc::new(hubs)));
+            }
+        }
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("stream server".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    for (ep, hubs) in &endpoints {
+                        tokio::spawn(accept_loop(ep.clone(), hubs.clone()));
+                    }
+                    stop2.notified().await;
+                    for (ep, _) in &endpoints {
+                        ep.close(0u32.into(), b"shutting down");
+                    }
+                    for (ep, _) in &endpoints {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+                    }
+                });
+                rt.shutdown_timeout(Duration::from_secs(1));
+            })?;
+        Ok(Some(Servers {
+            thread: Some(thread),
+            stop,
+        }))
+    }
+
+    /// Closes every connection and waits for the server thread.
+    pub fn stop(mut self) {
+        self.stop.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn accept_loop(ep: quinn::Endpoint, hubs: Arc<HashMap<String, Arc<Hub>>>) {
+    while let Some(incoming) = ep.accept().await {
+        let hubs = hubs.clone();
+        tokio::spawn(async move {
+            let Ok(conn) = transport::accept(incoming).await else {
+                return;
+            };
+            let peer = conn.remote_address().to_string();
+            loop {
+                match FramedStream::accept(&conn).await {
+                    Ok(fs) => {
+                        let hubs = hubs.clone();
+                        let peer = peer.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = serve(fs, hubs, &peer).await {
+                                tracing::info!(peer = %peer, "replica stream ended: {e:#}");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::info!(peer = %peer, "replica disconnected: {e}");
+                        break;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// One replica stream: its session, fed from the hub, until either side ends it.
+async fn serve(
+    mut fs: FramedStream,
+    hubs: Arc<HashMap<String, Arc<Hub>>>,
+    peer: &str,
+) -> Result<()> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, fs.recv())
+        .await
+        .map_err(|_| anyhow!("no Hello within {HELLO_TIMEOUT:?}"))??
+        .ok_or_else(|| anyhow!("stream closed before Hello"))?;
+    // An unknown name gets a session of some database, which refuses it with "Database not
+    // found".
+    let hub = match &first {
+        Message::Hello { db, .. } => hubs.get(db.as_str()),
+        _ => None,
+    }
+    .or_else(|| hubs.values().next())
+    .cloned()
+    .ok_or_else(|| anyhow!("no database served"))?;
+    let (page_size, pos) = hub.position();
+    let mut s = PrimarySession::with_config(
+        hub.name(),
+        page_size.max(512),
+        PrimaryConfig::default(),
+        now_ms(),
+    );
+    if let Some((p, c)) = pos {
+        s.set_position(p.generation, p.txid, c);
+    }
+    let mut rx = hub.changed.subscribe();
+    s.handle_message(now_ms(), first);
+    let mut buf = Vec::new();
+    let r = session_loop(&mut s, &mut fs, &hub, &mut rx, &mut buf, peer).await;
+    hub.state.lock().expect("hub lock").replicas.remove(peer);
+    r
+}
+
+async fn session_loop(
+    s: &mut PrimarySession,
+    fs: &mut FramedStream,
+    hub: &Arc<Hub>,
+    rx: &mut watch::Receiver<u64>,
+    buf: &mut Vec<u8>,
+    peer: &str,
+) -> Result<()> {
+    loop {
+        while let Some(ev) = s.poll_event() {
+            match ev {
+                PrimaryEvent::NeedTxns { after } => {
+                    let h = hub.clone();
+                    match tokio::task::spawn_blocking(move || h.txns_after(after)).await? {
+                        Ok(txns) => {
+                            for t in txns {
+                                s.push_txn((*t).clone());
+                            }
+                        }
+                        Err(History::Unavailable(why)) => {
+                            tracing::warn!(db = %hub.name(), peer = %peer, "{why}: the replica must restore");
+                            s.history_unavailable();
+                        }
+                    }
+                }
+                PrimaryEvent::RestoreConfigRequested => match &hub.restore_config {
+                    Some(c) => {
+                        tracing::info!(db = %hub.name(), peer = %peer, "new replica: sending the restore config");
+                        s.send_restore_config(c.clone())?;
+                    }
+                    None => stream_snapshot(s, fs, hub, buf, peer).await?,
+                },
+                PrimaryEvent::NeedSnapshot => stream_snapshot(s, fs, hub, buf, peer).await?,
+                PrimaryEvent::Acked { txid, lag } => {
+                    tracing::trace!(db = %hub.name(), peer = %peer, txid, lag_ms = lag.ms, "ack");
+                    hub.state
+                        .lock()
+                        .expect("hub lock")
+                        .replicas
+                        .insert(peer.to_string(), (txid, lag.ms));
+                }
+                PrimaryEvent::Error(e) => {
+                    tracing::info!(db = %hub.name(), peer = %peer, "replica session: {e}");
+                }
+                _ => {}
+            }
+        }
+        buf.clear();
+        if s.poll_transmit(buf) {
+            fs.send_frames(buf).await?;
+        }
+        if s.is_closed() {
+            let _ = fs.finish();
+            // Give the peer a moment to read the last frames (an error message).
+            let _ = tokio::time::timeout(Duration::from_secs(1), fs.recv()).await;
+            return Ok(());
+        }
+        let wake = s.poll_timeout().unwrap_or(now_ms() + 1000);
+        let sleep = Duration::from_millis(wake.saturating_sub(now_ms()));
+        tokio::select! {
+            m = fs.recv() => match m? {
+                Some(m) => s.handle_message(now_ms(), m),
+                None => return Ok(()),
+            },
+            r = rx.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                let (_, pos) = hub.position();
+                if let Some((p, c)) = pos {
+                    s.set_position(p.generation, p.txid, c);
+                }
+            }
+            _ = tokio::time::sleep(sleep) => s.handle_timeout(now_ms()),
+        }
+    }
+}
+
+/// Streams the latest backup as a snapshot (the replica could not restore from storage).
+async fn stream_snapshot(
+    s: &mut PrimarySession,
+    fs: &mut FramedStream,
+    hub: &Arc<Hub>,
+    buf: &mut Vec<u8>,
+    peer: &str,
+) -> Result<()> {
+    tracing::info!(db = %hub.name(), peer = %peer, "streaming a snapshot to the replica");
+    let h = hub.clone();
+    let snap = tokio::task::spawn_blocking(move || h.build_snapshot()).await??;
+    let r = snap.restored.as_ref().expect("built");
+    s.send_snapshot_begin(r.generation, r.txid, r.db_pages, r.db_checksum)?;
+    let ps = r.page_size as usize;
+    let per = (SNAPSHOT_BATCH_BYTES / ps).max(1);
+    let file = std::fs::File::open(&snap.path)?;
+    let mut pgno = 1u32;
+    let mut data = vec![0u8; per * ps];
+    while pgno <= r.db_pages {
+        let n = per.min((r.db_pages - pgno + 1) as usize);
+        std::os::unix::fs::FileExt::read_exact_at(
+            &file,
+            &mut data[..n * ps],
+            (pgno as u64 - 1) * ps as u64,
+        )?;
+        let pages = (0..n)
+            .map(|i| (pgno + i as u32, data[i * ps..(i + 1) * ps].to_vec()))
+            .collect();
+        s.send_snapshot_pages(pages)?;
+        pgno += n as u32;
+        buf.clear();
+        if s.poll_transmit(buf) {
+            fs.send_frames(buf).await?;
+        }
+    }
+    s.send_snapshot_end()?;
+    tracing::info!(db = %hub.name(), peer = %peer, txid = r.txid, pages = r.db_pages, "snapshot streamed");
+    Ok(())
+}

@@ -1,0 +1,965 @@
+//! `replica-sidecar`: a read replica that follows a primary over QUIC.
+//!
+//! For each configured database with a `type = "stream"` target (the primary to follow):
+//!
+//! * **Start**: a database that exists and has a replica position file resumes where it was
+//!   (after checking its whole-database checksum against the position); a missing database, or
+//!   `--force-restore`, or a position that does not match, restores: from the storage the primary
+//!   names (`RestoreConfig`), or — if that storage cannot be read here — from a snapshot the
+//!   primary streams. Either way the new file is verified before it replaces anything.
+//! * **Follow**: every primary transaction is applied as one SQLite write transaction
+//!   ([`crate::apply`]), so readers never see half of one. Acknowledgements tell the primary
+//!   how far the replica is.
+//! * **Position**: `DB.replited-position` holds the last applied position with its checksum and
+//!   the primary's page-1 stamp, and the one before it. It is written before each transaction
+//!   is committed, so after a crash the database matches one of the two.
+//! * **Repair**: a new generation, a checksum mismatch, history the primary no longer has, or a
+//!   write made on the replica → the app is stopped, the database restored, the app started
+//!   again; the reason is logged.
+//! * **Supervision** (`--exec CMD`): the app starts once every database has caught up, is
+//!   restarted with backoff when it exits, stopped around a rebuild, restarted on a schema
+//!   change when asked (`--restart-on-schema-change`), and receives SIGTERM/SIGINT.
+//! * A lost primary: reads go on; the replica reconnects with backoff.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use replited_core::hash::{page_hash, DbHashes};
+use replited_core::pos::Pos;
+use replited_core::proto::{ErrorCode, ProtoError};
+use replited_core::replica::{Applied, Replica, ReplicaConfig, ReplicaEvent, ReplicaState};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::apply::{stamp_of, Applier, ApplyError, Page1Stamp};
+use crate::config::{db_name, Config, DbConfig, StreamParams};
+use crate::replicate::now_ms;
+use crate::restore::{install, remove_db_files, restore, temp_path, RestoreOptions};
+use crate::server::parse_restore_config;
+use crate::shutdown::Shutdown;
+use crate::storage::FsStorage;
+use crate::transport::{self, ClientTls, FramedStream};
+
+/// Options of `replica-sidecar`.
+#[derive(Clone, Debug, Default)]
+pub struct SidecarOptions {
+    /// Restore even if the database exists.
+    pub force_restore: bool,
+    /// The app to supervise (run with `sh -c`).
+    pub exec: Option<String>,
+    /// Restart the app when the primary changes the schema.
+    pub restart_on_schema_change: bool,
+}
+
+/// How often a write made on the replica is looked for.
+const LOCAL_WRITE_CHECK: Duration = Duration::from_millis(250);
+/// Reconnection backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long the app gets to stop after SIGTERM before SIGKILL.
+const APP_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The client TLS of a replica's stream target, or why it is incomplete.
+pub fn client_tls(name: &str, p: &StreamParams) -> Result<ClientTls> {
+    let Some(ca) = &p.tls_ca else {
+        bail!("replicate \"{name}\": a replica needs params.tls_ca, the CA that signed the primary's certificate (TLS is always on; `replited cert` makes a development CA and certificates)");
+    };
+    if p.tls_cert.is_some() != p.tls_key.is_some() {
+        bail!("replicate \"{name}\": params.tls_cert and params.tls_key go together");
+    }
+    for (k, f) in [
+        ("tls_ca", Some(ca)),
+        ("tls_cert", p.tls_cert.as_ref()),
+        ("tls_key", p.tls_key.as_ref()),
+    ] {
+        if let Some(f) = f {
+            if !f.is_file() {
+                bail!(
+                    "replicate \"{name}\": params.{k} = \"{}\" does not exist",
+                    f.display()
+                );
+            }
+        }
+    }
+    let (host, _) = transport::parse_stream_addr(&p.addr)?;
+    Ok(ClientTls {
+        ca: ca.clone(),
+        cert: p.tls_cert.clone(),
+        key: p.tls_key.clone(),
+        server_name: p.server_name.clone().unwrap_or(host),
+    })
+}
+
+/// Runs `replica-sidecar` until SIGTERM/SIGINT.
+pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
+    let dbs: Vec<DbConfig> = cfg
+        .databases
+        .iter()
+        .filter(|d| d.stream().is_some())
+        .cloned()
+        .collect();
+    if dbs.is_empty() {
+        bail!(
+            "{}: no [[database]] has a replicate target with type = \"stream\" naming the primary to follow",
+            cfg.path.display()
+        );
+    }
+    let mut plans = Vec::new();
+    for d in &dbs {
+        let (name, p) = d.stream().expect("filtered");
+        let tls = client_tls(name, p).with_context(|| cfg.path.display().to_string())?;
+        let dir = crate::storage::parent_dir(&d.db);
+        if !dir.is_dir() {
+            bail!(
+                "{}: db = \"{}\": directory {} does not exist",
+                cfg.path.display(),
+                d.db.display(),
+                dir.display()
+            );
+        }
+        plans.push((d.clone(), p.addr.clone(), tls));
+    }
+    let shutdown = Shutdown::install()?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // A thread turns the signal pipe into the runtime's stop signal.
+    let shutdown = Arc::new(shutdown);
+    {
+        let sd = shutdown.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                use nix::poll::{PollFd, PollFlags, PollTimeout};
+                while !sd.requested() {
+                    let mut fds = [PollFd::new(sd.fd(), PollFlags::POLLIN)];
+                    let _ = nix::poll::poll(&mut fds, PollTimeout::from(1000u16));
+                }
+                let _ = stop_tx.send(true);
+            })?;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (sup_tx, sup_rx) = mpsc::unbounded_channel();
+        let n = plans.len();
+        let mut tasks = Vec::new();
+        for (i, (d, addr, tls)) in plans.into_iter().enumerate() {
+            let f = Follower {
+                index: i,
+                name: db_name(&d.db),
+                db: d.db.clone(),
+                busy: d.busy_timeout,
+                addr,
+                tls,
+                force_restore: opts.force_restore,
+                sup: sup_tx.clone(),
+                stop: stop_rx.clone(),
+            };
+            tasks.push(tokio::spawn(async move { f.run().await }));
+        }
+        drop(sup_tx);
+        let sup = supervise(n, opts, sup_rx, stop_rx.clone()).await;
+        let mut result = sup;
+        for t in tasks {
+            match t.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(anyhow!("replica task failed: {e}"));
+                    }
+                }
+            }
+        }
+        result
+    })
+}
+
+/// What a follower tells the supervisor.
+enum SupMsg {
+    /// Database `i` caught up with the primary.
+    CaughtUp(usize),
+    /// Database `i` is about to be replaced: stop the app, then answer.
+    Stop(usize, oneshot::Sender<()>),
+    /// The primary changed the schema of a database.
+    SchemaChanged,
+    /// Follower `i` ended for good (shutdown, or a fatal error).
+    Done(usize, Option<String>),
+}
+
+/// The app under supervision.
+struct App {
+    cmd: String,
+    child: Option<tokio::process::Child>,
+    started: Option<Instant>,
+    failures: u32,
+    restart_at: Option<tokio::time::Instant>,
+}
+
+impl App {
+    fn start(&mut self) {
+        if self.child.is_some() {
+            return;
+        }
+        self.restart_at = None;
+        match tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("exec {}", self.cmd))
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(c) => {
+                tracing::info!(pid = c.id().unwrap_or(0), "started the app: {}", self.cmd);
+                self.child = Some(c);
+                self.started = Some(Instant::now());
+            }
+            Err(e) => {
+                tracing::error!("cannot start the app ({}): {e}", self.cmd);
+                self.schedule_restart();
+            }
+        }
+    }
+
+    fn schedule_restart(&mut self) {
+        if self
+            .started
+            .is_some_and(|s| s.elapsed() > Duration::from_secs(60))
+        {
+            self.failures = 0;
+        }
+        let delay = Duration::from_millis(500 * (1u64 << self.failures.min(6)))
+            .min(Duration::from_secs(30));
+        self.failures += 1;
+        tracing::warn!("restarting the app in {delay:?}");
+        self.restart_at = Some(tokio::time::Instant::now() + delay);
+    }
+
+    /// SIGTERM, then SIGKILL after [`APP_STOP_TIMEOUT`].
+    async fn stop(&mut self, why: &str) {
+        self.restart_at = None;
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        tracing::info!("stopping the app: {why}");
+        if let Some(pid) = c.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        match tokio::time::timeout(APP_STOP_TIMEOUT, c.wait()).await {
+            Ok(Ok(st)) => tracing::info!("the app stopped: {st}"),
+            Ok(Err(e)) => tracing::warn!("waiting for the app: {e}"),
+            Err(_) => {
+                tracing::warn!("the app did not stop within {APP_STOP_TIMEOUT:?}: killing it");
+                let _ = c.kill().await;
+            }
+        }
+    }
+}
+
+async fn supervise(
+    n: usize,
+    opts: SidecarOptions,
+    mut rx: mpsc::UnboundedReceiver<SupMsg>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut ready = vec![false; n];
+    let mut done = vec![false; n];
+    let mut fatal = None;
+    let mut app = opts.exec.clone().map(|cmd| App {
+        cmd,
+        child: None,
+        started: None,
+        failures: 0,
+        restart_at: None,
+    });
+    loop {
+        let restart_at = app.as_ref().and_then(|a| a.restart_at);
+        let child_exit = async {
+            match app.as_mut().and_then(|a| a.child.as_mut()) {
+                Some(c) => c.wait().await.ok(),
+                None => std::future::pending().await,
+            }
+        };
+        let restart = async {
+            match restart_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            m = rx.recv() => match m {
+                None => break,
+                Some(SupMsg::CaughtUp(i)) => {
+                    ready[i] = true;
+                    if let Some(a) = app.as_mut() {
+                        if ready.iter().all(|r| *r) && a.child.is_none() && a.restart_at.is_none() {
+                            a.start();
+                        }
+                    }
+                }
+                Some(SupMsg::Stop(i, ack)) => {
+                    ready[i] = false;
+                    if let Some(a) = app.as_mut() {
+                        a.stop("the replica is being rebuilt").await;
+                    }
+                    let _ = ack.send(());
+                }
+                Some(SupMsg::SchemaChanged) => {
+                    if let Some(a) = app.as_mut().filter(|_| opts.restart_on_schema_change) {
+                        if a.child.is_some() {
+                            a.stop("the primary changed the schema").await;
+                            a.start();
+                        }
+                    }
+                }
+                Some(SupMsg::Done(i, err)) => {
+                    done[i] = true;
+                    if let Some(e) = err {
+                        fatal.get_or_insert(e);
+                    }
+                    if done.iter().all(|d| *d) {
+                        break;
+                    }
+                }
+            },
+            st = child_exit => {
+                let a = app.as_mut().expect("a child exited");
+                a.child = None;
+                match st {
+                    Some(st) => tracing::warn!("the app exited: {st}"),
+                    None => tracing::warn!("the app exited"),
+                }
+                a.schedule_restart();
+            }
+            _ = restart => {
+                if let Some(a) = app.as_mut() {
+                    a.restart_at = None;
+                    if ready.iter().all(|r| *r) {
+                        a.start();
+                    }
+                }
+            }
+            _ = stop.wait_for(|s| *s) => {
+                if let Some(a) = app.as_mut() {
+                    a.stop("replited is stopping (signal)").await;
+                }
+                // The followers stop on the same signal; wait for them.
+                while let Some(m) = rx.recv().await {
+                    match m {
+                        SupMsg::Stop(_, ack) => { let _ = ack.send(()); }
+                        SupMsg::Done(_, Some(e)) => { fatal.get_or_insert(e); }
+                        _ => {}
+                    }
+                }
+                break;
+            }
+        }
+    }
+    if let Some(a) = app.as_mut() {
+        a.stop("replited is stopping").await;
+    }
+    match fatal {
+        Some(e) => Err(anyhow!(e)),
+        None => Ok(()),
+    }
+}
+
+/// One database following its primary.
+struct Follower {
+    index: usize,
+    name: String,
+    db: PathBuf,
+    busy: Duration,
+    addr: String,
+    tls: ClientTls,
+    force_restore: bool,
+    sup: mpsc::UnboundedSender<SupMsg>,
+    stop: watch::Receiver<bool>,
+}
+
+/// How a conversation ended.
+enum End {
+    Shutdown,
+    Reconnect(String),
+}
+
+/// The local side of one database: the applier, the position file and a snapshot being
+/// received.
+struct Local {
+    db: PathBuf,
+    busy: Duration,
+    applier: Option<Applier>,
+    position: PositionFile,
+    snapshot: Option<SnapshotFile>,
+    schema_cookie: Option<u32>,
+}
+
+impl Follower {
+    async fn run(self) -> Result<()> {
+        let r = self.run_inner().await;
+        let _ = self.sup.send(SupMsg::Done(
+            self.index,
+            r.as_ref()
+                .err()
+                .map(|e| format!("{}: {e:#}", self.db.display())),
+        ));
+        r
+    }
+
+    async fn run_inner(&self) -> Result<()> {
+        let mut local = Local {
+            db: self.db.clone(),
+            busy: self.busy,
+            applier: None,
+            position: PositionFile::open(&self.db)?,
+            snapshot: None,
+            schema_cookie: None,
+        };
+        let applied = if self.force_restore {
+            tracing::info!(db = %self.db.display(), "--force-restore: the database will be restored from the primary's backup");
+            None
+        } else if !self.db.exists() {
+            tracing::info!(db = %self.db.display(), "no database yet: it will be restored from the primary's backup");
+            None
+        } else {
+            match local.resume() {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    tracing::warn!(db = %self.db.display(), "cannot resume ({e:#}): the database will be restored");
+                    None
+                }
+            }
+        };
+        if let Some(a) = applied {
+            tracing::info!(
+                db = %self.db.display(),
+                generation = a.pos.generation,
+                txid = a.pos.txid,
+                "resuming at txid {} without a restore",
+                a.pos.txid
+            );
+        }
+        let (host, port) = transport::parse_stream_addr(&self.addr)?;
+        let endpoint = transport::client_endpoint(&self.tls)?;
+        let mut replica = Replica::new(ReplicaConfig::new(&self.name), applied, now_ms());
+        let mut backoff = BACKOFF_MIN;
+        let mut stop = self.stop.clone();
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            let conn = tokio::select! {
+                c = transport::connect(&endpoint, &host, port, &self.tls.server_name) => c,
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            };
+            let conn = match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(db = %self.db.display(), "cannot reach the primary at {}: {e}; retrying in {backoff:?} (reads go on)", self.addr);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            let fs = match FramedStream::open(&conn).await {
+                Ok(fs) => fs,
+                Err(e) => {
+                    tracing::warn!(db = %self.db.display(), "opening a stream to the primary: {e}");
+                    continue;
+                }
+            };
+            replica.reset(now_ms());
+            let started = Instant::now();
+            let end = self.converse(&mut replica, fs, &mut local).await;
+            conn.close(0u32.into(), b"bye");
+            match end {
+                Ok(End::Shutdown) => return Ok(()),
+                Ok(End::Reconnect(why)) => {
+                    if started.elapsed() > Duration::from_secs(10) {
+                        backoff = BACKOFF_MIN;
+                    }
+                    tracing::warn!(db = %self.db.display(), "connection to the primary lost: {why}; reconnecting in {backoff:?} (reads go on)");
+                }
+                Err(e) => return Err(e),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection's conversation.
+    async fn converse(
+        &self,
+        replica: &mut Replica,
+        mut fs: FramedStream,
+        local: &mut Local,
+    ) -> Result<End> {
+        let mut stop = self.stop.clone();
+        let mut buf = Vec::new();
+        let mut caught_up_said = false;
+        let mut check = tokio::time::interval(LOCAL_WRITE_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            while let Some(ev) = replica.poll_event() {
+                if let Err(e) = self.on_event(replica, local, ev).await {
+                    // Nothing half-done stays: a transaction was rolled back, a snapshot's
+                    // temporary file removed. A new conversation starts from what is applied.
+                    tracing::error!(db = %self.db.display(), "{e:#}");
+                    local.snapshot = None;
+                    return Ok(End::Reconnect(format!("{e:#}")));
+                }
+            }
+            buf.clear();
+            if replica.poll_transmit(&mut buf) {
+                if let Err(e) = fs.send_frames(&buf).await {
+                    return Ok(End::Reconnect(e.to_string()));
+                }
+            }
+            match replica.state() {
+                ReplicaState::Failed { error } => {
+                    return match error {
+                        ProtoError::Remote(ErrorCode::DatabaseNotFound) => Err(anyhow!(
+                            "Database not found: the primary at {} does not serve \"{}\" (the replica's db file name must match the primary's)",
+                            self.addr,
+                            self.name
+                        )),
+                        ProtoError::Remote(ErrorCode::VersionMismatch)
+                        | ProtoError::VersionMismatch { .. } => Err(anyhow!(
+                            "the primary at {} speaks another protocol version: upgrade both to the same replited",
+                            self.addr
+                        )),
+                        e => Ok(End::Reconnect(e.to_string())),
+                    };
+                }
+                ReplicaState::Streaming if !caught_up_said => {
+                    caught_up_said = true;
+                    let a = replica.applied();
+                    tracing::info!(
+                        db = %self.db.display(),
+                        txid = a.map_or(0, |a| a.pos.txid),
+                        "caught up with the primary: streaming"
+                    );
+                    let _ = self.sup.send(SupMsg::CaughtUp(self.index));
+                }
+                ReplicaState::Streaming => {}
+                _ => caught_up_said = false,
+            }
+            let wake = replica.poll_timeout().unwrap_or(now_ms() + 1000);
+            let sleep = Duration::from_millis(wake.saturating_sub(now_ms()));
+            tokio::select! {
+                m = fs.recv() => match m {
+                    Ok(Some(m)) => replica.handle_message(now_ms(), m),
+                    Ok(None) => return Ok(End::Reconnect("the primary closed the stream".into())),
+                    Err(e) => return Ok(End::Reconnect(e.to_string())),
+                },
+                _ = tokio::time::sleep(sleep) => replica.handle_timeout(now_ms()),
+                _ = check.tick() => {
+                    if let Some(a) = local.applier.as_mut() {
+                        match a.local_write_detected() {
+                            Ok(true) => {
+                                tracing::warn!(db = %self.db.display(), "a write was made on the replica (it is read-only): rebuilding it from the primary");
+                                replica.local_write_detected(now_ms());
+                            }
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!(db = %self.db.display(), "checking for local writes: {e:#}"),
+                        }
+                    }
+                }
+                _ = stop.wait_for(|s| *s) => {
+                    let _ = fs.finish();
+                    return Ok(End::Shutdown);
+                }
+            }
+        }
+    }
+
+    /// Stops the app (when supervised) before the database is replaced.
+    async fn stop_app(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.sup.send(SupMsg::Stop(self.index, tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    async fn on_event(
+        &self,
+        replica: &mut Replica,
+        local: &mut Local,
+        ev: ReplicaEvent,
+    ) -> Result<()> {
+        let db = self.db.display().to_string();
+        match ev {
+            ReplicaEvent::Apply { txn } => {
+                let txid = txn.header.txid;
+                let Some(a) = local.applier.as_mut() else {
+                    bail!("transaction {txid} arrived with no database to apply it to");
+                };
+                let before = Entry {
+                    generation: txn.generation,
+                    txid: a.applied_txid().unwrap_or(0),
+                    checksum: a.checksum(),
+                    stamp: a.stamp(),
+                };
+                let stamp = match txn.pages.first() {
+                    Some((1, p)) => stamp_of(p),
+                    _ => before.stamp,
+                };
+                let after = Entry {
+                    generation: txn.generation,
+                    txid,
+                    checksum: txn.header.db_checksum,
+                    stamp,
+                };
+                local.position.write(&after, Some(&before))?;
+                match a.apply(
+                    txid,
+                    txn.header.db_pages,
+                    txn.header.db_checksum,
+                    &txn.pages,
+                ) {
+                    Ok(ck) => {
+                        replica.handle_applied(now_ms(), txid, ck);
+                        let cookie = a.schema_cookie();
+                        if local.schema_cookie.is_some_and(|c| c != cookie) {
+                            tracing::info!(db = %db, txid, "the primary changed the schema");
+                            let _ = self.sup.send(SupMsg::SchemaChanged);
+                        }
+                        local.schema_cookie = Some(cookie);
+                    }
+                    Err(e) => {
+                        local.position.write(&before, None)?;
+                        match e {
+                            ApplyError::ChecksumMismatch { actual, .. } => {
+                                tracing::error!(db = %db, "{e}");
+                                replica.handle_applied(now_ms(), txid, actual);
+                            }
+                            ApplyError::LocalWrite { .. } => {
+                                tracing::warn!(db = %db, "{e}");
+                                replica.local_write_detected(now_ms());
+                            }
+                            // Nothing was applied; the primary resends it on the next
+                            // connection.
+                            e => return Err(e.into()),
+                        }
+                    }
+                }
+            }
+            ReplicaEvent::Rebuild { reason } => {
+                tracing::warn!(db = %db, "the replica must be rebuilt: {reason}");
+                self.stop_app().await;
+                local.applier = None;
+            }
+            ReplicaEvent::Restore { storage } => {
+                self.stop_app().await;
+                local.applier = None;
+                match local.restore_from(&storage).await {
+                    Ok(a) => {
+                        replica.handle_restored(now_ms(), a.pos, a.db_checksum);
+                    }
+                    Err(e) => {
+                        tracing::warn!(db = %db, "restoring from the primary's backup failed: {e:#}; asking the primary to stream a snapshot");
+                        replica.restore_failed(now_ms());
+                    }
+                }
+            }
+            ReplicaEvent::StartSnapshot {
+                generation,
+                txid,
+                page_size,
+                db_pages,
+                ..
+            } => {
+                self.stop_app().await;
+                local.applier = None;
+                tracing::info!(db = %db, generation, txid, pages = db_pages, "receiving a snapshot from the primary");
+                local.snapshot = Some(SnapshotFile::create(&self.db, page_size)?);
+            }
+            ReplicaEvent::SnapshotPages { pages } => {
+                let s = local
+                    .snapshot
+                    .as_mut()
+                    .ok_or_else(|| anyhow!("snapshot pages without a snapshot"))?;
+                s.write(&pages)?;
+            }
+            ReplicaEvent::FinishSnapshot { pos, db_checksum } => {
+                let s = local
+                    .snapshot
+                    .take()
+                    .ok_or_else(|| anyhow!("snapshot end without a snapshot"))?;
+                let ck = local.install_snapshot(s, pos, db_checksum)?;
+                replica.handle_applied(now_ms(), pos.txid, ck);
+            }
+            ReplicaEvent::PrimaryError { code, message } => {
+                tracing::warn!(db = %db, "the primary says: {message} ({code:?})");
+            }
+            ReplicaEvent::Error(e) => {
+                tracing::warn!(db = %db, "replication protocol: {e}");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl Local {
+    /// Opens the existing database at the position its position file names.
+    fn resume(&mut self) -> Result<Applied> {
+        let (cur, prev) = self
+            .position
+            .read()?
+            .ok_or_else(|| anyhow!("no replica position is recorded for it"))?;
+        let mut last = None;
+        for e in std::iter::once(cur).chain(prev) {
+            let a = Applier::open_with_stamp(&self.db, self.busy, e.stamp)?;
+            if a.checksum() == e.checksum {
+                return Ok(self.adopt(a, &e));
+            }
+            last = Some((e, a.checksum()));
+        }
+        let (e, got) = last.expect("at least one entry");
+        bail!(
+            "its content (checksum {got:#018x}) is not the recorded position's (txid {}, checksum {:#018x})",
+            e.txid,
+            e.checksum
+        )
+    }
+
+    fn adopt(&mut self, mut a: Applier, e: &Entry) -> Applied {
+        a.set_applied_txid(e.txid);
+        self.schema_cookie = Some(a.schema_cookie());
+        self.applier = Some(a);
+        Applied {
+            pos: Pos {
+                generation: e.generation,
+                txid: e.txid,
+            },
+            db_checksum: e.checksum,
+        }
+    }
+
+    /// Restores from the storage the primary described (a directory this host can read).
+    async fn restore_from(&mut self, storage: &[u8]) -> Result<Applied> {
+        let dir = parse_restore_config(storage)?;
+        if !dir.is_dir() {
+            bail!(
+                "the primary's backup directory {} is not reachable from here",
+                dir.display()
+            );
+        }
+        tracing::info!(db = %self.db.display(), "restoring from the primary's backup {}", dir.display());
+        let out = self.db.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let src = FsStorage::at(dir);
+            restore(
+                &[&src],
+                &RestoreOptions {
+                    target: replited_core::plan::Target::Latest,
+                    output: out,
+                    force: true,
+                    if_db_not_exists: false,
+                    if_replica_exists: false,
+                },
+            )
+        })
+        .await??
+        .ok_or_else(|| anyhow!("nothing was restored"))?;
+        let a = Applier::open(&self.db, self.busy)?;
+        if a.checksum() != r.db_checksum {
+            bail!(
+                "the restored database's checksum {:#018x} is not the backup's {:#018x}",
+                a.checksum(),
+                r.db_checksum
+            );
+        }
+        let e = Entry {
+            generation: r.generation,
+            txid: r.txid,
+            checksum: r.db_checksum,
+            stamp: a.stamp(),
+        };
+        self.position.write(&e, None)?;
+        Ok(self.adopt(a, &e))
+    }
+
+    /// Verifies a received snapshot and puts it in place; returns its checksum.
+    fn install_snapshot(&mut self, s: SnapshotFile, pos: Pos, expected: u64) -> Result<u64> {
+        let ck = s.hashes.checksum();
+        if ck != expected || s.hashes.page_count() == 0 {
+            // The replica state machine rebuilds on the mismatch.
+            return Ok(ck);
+        }
+        let tmp = s.finish()?;
+        if let Err(e) = crate::sqlite::integrity_check(&tmp) {
+            remove_db_files(&tmp);
+            return Err(e.context("the streamed snapshot failed SQLite's integrity check"));
+        }
+        install(&tmp, &self.db)?;
+        let a = Applier::open(&self.db, self.busy)?;
+        let e = Entry {
+            generation: pos.generation,
+            txid: pos.txid,
+            checksum: a.checksum(),
+            stamp: a.stamp(),
+        };
+        self.position.write(&e, None)?;
+        let ck = a.checksum();
+        self.adopt(a, &e);
+        tracing::info!(db = %self.db.display(), txid = pos.txid, "snapshot installed");
+        Ok(ck)
+    }
+}
+
+/// A snapshot being received into a temporary file beside the database.
+struct SnapshotFile {
+    path: PathBuf,
+    file: Option<File>,
+    hashes: DbHashes,
+}
+
+impl SnapshotFile {
+    fn create(db: &Path, page_size: u32) -> Result<SnapshotFile> {
+        let path = temp_path(db);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        Ok(SnapshotFile {
+            path,
+            file: Some(file),
+            hashes: DbHashes::new(page_size),
+        })
+    }
+
+    fn write(&mut self, pages: &[(u32, Vec<u8>)]) -> Result<()> {
+        let ps = self.hashes.page_size() as u64;
+        let f = self.file.as_ref().expect("open");
+        for (pgno, data) in pages {
+            f.write_all_at(data, (*pgno as u64 - 1) * ps)?;
+            self.hashes.set(*pgno, page_hash(*pgno, data));
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<PathBuf> {
+        let f = self.file.take().expect("open");
+        f.sync_all()?;
+        Ok(std::mem::take(&mut self.path))
+    }
+}
+
+impl Drop for SnapshotFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            remove_db_files(&self.path);
+        }
+    }
+}
+
+/// One recorded position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    generation: u64,
+    txid: u64,
+    checksum: u64,
+    stamp: Page1Stamp,
+}
+
+/// `DB.replited-position`: the last applied position and the one before it, rewritten in place
+/// (one small `pwrite`, checksummed) before each transaction commits.
+struct PositionFile {
+    path: PathBuf,
+    file: File,
+}
+
+const POS_MAGIC: &[u8; 8] = b"RPLTPOS1";
+const ENTRY_LEN: usize = 8 + 8 + 8 + 12;
+const POS_LEN: usize = 8 + 1 + 2 * ENTRY_LEN + 8;
+
+impl PositionFile {
+    fn path_for(db: &Path) -> PathBuf {
+        let mut p = db.as_os_str().to_owned();
+        p.push(".replited-position");
+        PathBuf::from(p)
+    }
+
+    fn open(db: &Path) -> Result<PositionFile> {
+        let path = Self::path_for(db);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(PositionFile { path, file })
+    }
+
+    fn write(&mut self, cur: &Entry, prev: Option<&Entry>) -> Result<()> {
+        let mut b = Vec::with_capacity(POS_LEN);
+        b.extend_from_slice(POS_MAGIC);
+        b.push(prev.is_some() as u8);
+        for e in [Some(cur), prev] {
+            let e = e.copied().unwrap_or(Entry {
+                generation: 0,
+                txid: 0,
+                checksum: 0,
+                stamp: [0; 12],
+            });
+            b.extend_from_slice(&e.generation.to_be_bytes());
+            b.extend_from_slice(&e.txid.to_be_bytes());
+            b.extend_from_slice(&e.checksum.to_be_bytes());
+            b.extend_from_slice(&e.stamp);
+        }
+        let sum = page_hash(0, &b);
+        b.extend_from_slice(&sum.to_be_bytes());
+        self.file
+            .write_all_at(&b, 0)
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+
+    /// The recorded (current, previous) positions; None when nothing is recorded.
+    fn read(&self) -> Result<Option<(Entry, Option<Entry>)>> {
+        let mut b = vec![0u8; POS_LEN];
+        let n = self.file.read_at(&mut b, 0)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if n < POS_LEN || &b[..8] != POS_MAGIC {
+            bail!("{} is not a replica position file", self.path.display());
+        }
+        let sum = u64::from_be_bytes(b[POS_LEN - 8..].try_into().expect("8"));
+        if page_hash(0, &b[..POS_LEN - 8]) != sum {
+            bail!("{} is damaged (checksum mismatch)", self.path.display());
+        }
+        let entry = |at: usize| {
+            let u = |o: usize| u64::from_be_bytes(b[at + o..at + o + 8].try_into().expect("8"));
+            Entry {
+                generation: u(0),
+                txid: u(8),
+                checksum: u(16),
+                stamp: b[at + 24..at + 36].try_into().expect("12"),
+            }
+        };
+        let cur = entry(9);
+        let prev = (b[8] == 1).then(|| entry(9 + ENTRY_LEN));
+        Ok(Some((cur, prev)))
+    }
+}

@@ -250,11 +250,13 @@ impl<'de> Deserialize<'de> for ReplicateConfig {
         let mut params = raw.params;
         let ty = match params.remove("type") {
             Some(toml::Value::String(s)) => s,
-            Some(other) => return Err(de::Error::custom(format!(
+            Some(other) => {
+                return Err(de::Error::custom(format!(
                 "replicate \"{}\": params.type must be a string (\"fs\" or \"stream\"), found {}",
                 raw.name,
                 other.type_str()
-            ))),
+            )))
+            }
             None => {
                 return Err(de::Error::custom(format!(
                     "replicate \"{}\": missing params.type (expected \"fs\" or \"stream\")",

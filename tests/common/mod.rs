@@ -3,6 +3,8 @@
 //! `tests/load.py` run by the real python3 sqlite3 module.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

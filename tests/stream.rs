@@ -1,0 +1,473 @@
+//! Streaming replicas end to end: a real primary (`replited replicate` with an fs target and a
+//! stream server) and a real replica (`replited replica-sidecar`) over QUIC on loopback (or
+//! between network namespaces), real SQLite loads, a reader holding one connection open on the
+//! replica.
+
+mod common;
+
+use std::fs;
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A primary and a replica directory, a development CA and certificates made with
+/// `replited cert`, and both configs.
+struct Cluster {
+    dir: tempfile::TempDir,
+    pdb: PathBuf,
+    rdb: PathBuf,
+    pcfg: PathBuf,
+    rcfg: PathBuf,
+    port: u16,
+}
+
+struct Opts {
+    /// Require client certificates on the primary.
+    client_ca: bool,
+    /// Give the replica a client certificate.
+    replica_cert: bool,
+    /// The replica's database file name.
+    replica_name: &'static str,
+    /// The address the primary binds and the replica connects to.
+    host: String,
+}
+
+impl Default for Opts {
+    fn default() -> Opts {
+        Opts {
+            client_ca: true,
+            replica_cert: true,
+            replica_name: "data.db",
+            host: "127.0.0.1".into(),
+        }
+    }
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn cert_cmd(args: &[&str]) {
+    let out = Command::new(bin()).arg("cert").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "replited cert {args:?}: {}",
+        stderr(&out)
+    );
+}
+
+impl Cluster {
+    fn new(o: Opts) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("replited-stream")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        for sub in ["primary", "replica"] {
+            fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        let certs = d.join("certs");
+        let c = certs.to_str().unwrap();
+        cert_cmd(&["ca", "--dir", c]);
+        cert_cmd(&[
+            "server",
+            "--ca-dir",
+            c,
+            "--san",
+            &o.host,
+            "--san",
+            "localhost",
+        ]);
+        cert_cmd(&["client", "--ca-dir", c, "--name", "replica-1"]);
+        let port = free_udp_port();
+        let pdb = d.join("primary/data.db");
+        let rdb = d.join("replica").join(o.replica_name);
+        let pcfg = d.join("primary.toml");
+        let rcfg = d.join("replica.toml");
+        let client_ca = if o.client_ca {
+            format!("tls_client_ca = \"{c}/ca.pem\"\n")
+        } else {
+            String::new()
+        };
+        fs::write(
+            &pcfg,
+            format!(
+                "[log]\nlevel = \"debug\"\n\n[[database]]\ndb = \"{}\"\n\n[[database.replicate]]\nname = \"backup\"\n[database.replicate.params]\ntype = \"fs\"\nroot = \"{}\"\n\n[[database.replicate]]\nname = \"stream\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"quic://{}:{port}\"\ntls_cert = \"{c}/primary.pem\"\ntls_key = \"{c}/primary-key.pem\"\n{client_ca}",
+                pdb.display(),
+                d.join("backup").display(),
+                o.host,
+            ),
+        )
+        .unwrap();
+        let replica_cert = if o.replica_cert {
+            format!("tls_cert = \"{c}/replica-1.pem\"\ntls_key = \"{c}/replica-1-key.pem\"\n")
+        } else {
+            String::new()
+        };
+        fs::write(
+            &rcfg,
+            format!(
+                "[log]\nlevel = \"debug\"\n\n[[database]]\ndb = \"{}\"\n\n[[database.replicate]]\nname = \"primary\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"http://{}:{port}\"\ntls_ca = \"{c}/ca.pem\"\n{replica_cert}",
+                rdb.display(),
+                o.host,
+            ),
+        )
+        .unwrap();
+        // The app creates its database before replited starts.
+        run_load(&pdb, 1, 0);
+        Cluster {
+            dir,
+            pdb,
+            rdb,
+            pcfg,
+            rcfg,
+            port,
+        }
+    }
+
+    fn log_path(&self, what: &str) -> PathBuf {
+        self.dir.path().join(format!(
+            "{what}-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ))
+    }
+
+    fn spawn(&self, mut cmd: Command, what: &str) -> Daemon {
+        let log = self.log_path(what);
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    fn primary_cmd(&self, mut cmd: Command) -> Daemon {
+        cmd.args(["-c", self.pcfg.to_str().unwrap(), "replicate"]);
+        let d = self.spawn(cmd, "primary");
+        d.wait_for_log("capturing", Duration::from_secs(60));
+        d
+    }
+
+    fn primary(&self) -> Daemon {
+        self.primary_cmd(Command::new(bin()))
+    }
+
+    fn replica_cmd(&self, mut cmd: Command, args: &[&str]) -> Daemon {
+        cmd.args(["-c", self.rcfg.to_str().unwrap(), "replica-sidecar"])
+            .args(args);
+        self.spawn(cmd, "replica")
+    }
+
+    fn replica(&self, args: &[&str]) -> Daemon {
+        self.replica_cmd(Command::new(bin()), args)
+    }
+}
+
+/// A hash of a database's whole logical content (schema and rows).
+fn dump(db: &Path) -> String {
+    let out = Command::new("python3")
+        .arg(load_py())
+        .args(["dump", db.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dump {}: {}",
+        db.display(),
+        stderr(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Waits until the replica's content equals the primary's.
+fn wait_equal(primary: &Path, replica: &Path, limit: Duration, logs: &[&Daemon]) {
+    let start = Instant::now();
+    let want = dump(primary);
+    loop {
+        if replica.exists() && dump(replica) == want {
+            return;
+        }
+        if start.elapsed() > limit {
+            let logs: Vec<String> = logs.iter().map(|d| d.log_text()).collect();
+            panic!(
+                "the replica did not converge within {limit:?}: primary {:?}, replica {:?}\n{}",
+                state(primary),
+                replica.exists().then(|| state(replica)),
+                logs.join("\n-----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn count(log: &str, needle: &str) -> usize {
+    log.matches(needle).count()
+}
+
+/// The first acceptance test: a 100 MB database, --force-restore over a stale replica, 10,000
+/// transactions (INSERT, UPDATE, DELETE, schema changes), app autocheckpoints plus TRUNCATE
+/// checkpoints on the primary, and a reader with one connection open on the replica for the
+/// whole run that must never see half a transaction and must see the last one without
+/// reopening.
+#[test]
+fn replica_follows_a_load_with_one_reader_connection() {
+    let c = Cluster::new(Opts::default());
+    let fill = Command::new("python3")
+        .arg(load_py())
+        .args(["fill", c.pdb.to_str().unwrap(), "100"])
+        .status()
+        .unwrap();
+    assert!(fill.success());
+    assert!(fs::metadata(&c.pdb).unwrap().len() > 100_000_000);
+    // A stale replica database that --force-restore must replace.
+    run_load(&c.rdb, 1, 40);
+    let p = c.primary();
+    let r = c.replica(&["--force-restore"]);
+    r.wait_for_log("caught up with the primary", Duration::from_secs(180));
+    let log = r.log_text();
+    assert!(
+        log.contains("restoring from the primary's backup"),
+        "--force-restore restores from the primary's backup:\n{log}"
+    );
+    let watcher = Command::new("python3")
+        .arg(load_py())
+        .args([
+            "watch",
+            c.rdb.to_str().unwrap(),
+            "--until",
+            "10000",
+            "--timeout",
+            "900",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let load = spawn_load(&c.pdb, 1, 10_000, &[]);
+    // The app's own checkpoints run (autocheckpoint); add TRUNCATE ones while it writes.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(3));
+        checkpoint(&c.pdb, "TRUNCATE");
+    }
+    wait_ok(load);
+    let out = watcher.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the reader failed: {}\n{}",
+        stderr(&out),
+        r.log_text()
+    );
+    let seen = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<&str> = seen.trim().split('\t').collect();
+    let (i, hash) = expect(10_000);
+    assert_eq!(fields[0], i.to_string());
+    assert_eq!(
+        fields[1], hash,
+        "the reader's one connection sees the primary's last state"
+    );
+    let states: u64 = fields[2].parse().unwrap();
+    assert!(states > 50, "the reader saw only {states} states");
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(60), &[&p, &r]);
+    assert_eq!(integrity(&c.rdb), "ok");
+    let rlog = r.stop();
+    assert_eq!(
+        count(&rlog, "must be rebuilt"),
+        0,
+        "no rebuild during a plain run:\n{rlog}"
+    );
+    p.stop();
+}
+
+/// The replica restarted mid-stream resumes without a restore; the primary killed and
+/// restarted: the replica keeps serving reads and catches up.
+#[test]
+fn replica_and_primary_restarts() {
+    let c = Cluster::new(Opts::default());
+    let p = c.primary();
+    run_load(&c.pdb, 1, 200);
+    let r = c.replica(&[]);
+    r.wait_for_log("caught up with the primary", Duration::from_secs(60));
+    let load = spawn_load(&c.pdb, 201, 2500, &["--rate", "400"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    r.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = c.replica(&[]);
+    r.wait_for_log("caught up with the primary", Duration::from_secs(60));
+    let log = r.log_text();
+    assert!(log.contains("resuming at txid"), "{log}");
+    assert!(
+        !log.contains("restoring from"),
+        "a restarted replica resumes without a restore:\n{log}"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    p.kill9();
+    // The primary's replited is gone; the replica's readers go on.
+    let (a, _) = state(&c.rdb);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (b, _) = state(&c.rdb);
+    assert!(a >= 200 && b >= a);
+    let p = c.primary();
+    wait_ok(load);
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(90), &[&p, &r]);
+    assert_eq!(state(&c.rdb), expect(2500));
+    assert_eq!(integrity(&c.rdb), "ok");
+    r.stop();
+    p.stop();
+}
+
+/// A write made on the replica is detected, reported and repaired.
+#[test]
+fn local_write_on_the_replica_is_repaired() {
+    let c = Cluster::new(Opts::default());
+    let p = c.primary();
+    run_load(&c.pdb, 1, 300);
+    let r = c.replica(&[]);
+    r.wait_for_log("caught up with the primary", Duration::from_secs(60));
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(30), &[&p, &r]);
+    {
+        let conn = rusqlite::Connection::open(&c.rdb).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn.execute("UPDATE ledger SET balance = balance + 5 WHERE acct = 0", [])
+            .unwrap();
+    }
+    r.wait_for_log("a write was made on the replica", Duration::from_secs(30));
+    r.wait_for_log("local write detected", Duration::from_secs(30));
+    run_load(&c.pdb, 301, 400);
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(60), &[&p, &r]);
+    assert_eq!(state(&c.rdb), expect(400));
+    let log = r.stop();
+    assert!(
+        count(&log, "restoring from the primary's backup") >= 2,
+        "the replica was rebuilt from the backup:\n{log}"
+    );
+    p.stop();
+}
+
+/// Mutual TLS: a replica without a client certificate is refused.
+#[test]
+fn replica_without_client_certificate_is_refused() {
+    let c = Cluster::new(Opts {
+        replica_cert: false,
+        ..Opts::default()
+    });
+    let p = c.primary();
+    run_load(&c.pdb, 1, 50);
+    let r = c.replica(&[]);
+    std::thread::sleep(Duration::from_secs(4));
+    let log = r.log_text();
+    assert!(!log.contains("caught up"), "{log}");
+    assert!(
+        !c.rdb.exists(),
+        "nothing restored for an unauthenticated replica"
+    );
+    assert!(
+        log.contains("connection to the primary lost") || log.contains("cannot reach the primary"),
+        "{log}"
+    );
+    let plog = p.log_text();
+    assert!(
+        plog.contains("refused connection"),
+        "the primary logs the refusal:\n{plog}"
+    );
+    drop(r);
+    p.stop();
+}
+
+/// A replica asking for a database the primary does not serve stops with "Database not found".
+#[test]
+fn wrong_database_name_is_database_not_found() {
+    let c = Cluster::new(Opts {
+        replica_name: "other.db",
+        ..Opts::default()
+    });
+    let p = c.primary();
+    run_load(&c.pdb, 1, 20);
+    let mut r = c.replica(&[]);
+    let start = Instant::now();
+    let st = loop {
+        if let Some(st) = r.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the replica did not stop:\n{}",
+            r.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!st.success());
+    let log = r.log_text();
+    assert!(log.contains("Database not found"), "{log}");
+    assert!(!c.rdb.exists());
+    p.stop();
+}
+
+/// Random datagrams at the QUIC port do not disturb a replica that is streaming.
+#[test]
+fn random_bytes_at_the_quic_port_do_not_disturb_a_stream() {
+    let c = Cluster::new(Opts::default());
+    let p = c.primary();
+    run_load(&c.pdb, 1, 100);
+    let r = c.replica(&[]);
+    r.wait_for_log("caught up with the primary", Duration::from_secs(60));
+    let load = spawn_load(&c.pdb, 101, 1500, &["--rate", "500"]);
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..4000usize {
+        let len = 1 + (i * 37) % 1400;
+        let buf: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let _ = sock.send_to(&buf, ("127.0.0.1", c.port));
+    }
+    wait_ok(load);
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(60), &[&p, &r]);
+    let log = r.stop();
+    assert!(
+        !log.contains("connection to the primary lost"),
+        "the stream was not disturbed:\n{log}"
+    );
+    p.stop();
+}
+
+/// Between two network namespaces with 10 % packet loss each way (nftables), the replica
+/// converges.
+#[test]
+fn replica_converges_under_packet_loss() {
+    let net = common::netns::NetPair::new().expect(
+        "network namespaces (run as root with iproute2 and nftables; scripts/test installs them)",
+    );
+    let c = Cluster::new(Opts {
+        host: net.a_ip.clone(),
+        ..Opts::default()
+    });
+    net.set_loss(10).unwrap();
+    let loss = net.measured_loss(1000).unwrap();
+    assert!(loss > 0.04 && loss < 0.2, "measured loss {loss}");
+    let p = c.primary_cmd(net.command(&net.a, bin()));
+    run_load(&c.pdb, 1, 200);
+    let r = c.replica_cmd(net.command(&net.b, bin()), &[]);
+    r.wait_for_log("caught up with the primary", Duration::from_secs(120));
+    run_load(&c.pdb, 201, 1500);
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(120), &[&p, &r]);
+    assert_eq!(state(&c.rdb), expect(1500));
+    r.stop();
+    p.stop();
+    drop(net);
+}

@@ -63,6 +63,26 @@ fn bad_configs_name_what_is_wrong() {
             "REPLITED_TEST_UNSET_VAR",
         ),
         ("this is not toml".into(), "bad.toml"),
+        (
+            format!("{good}\n[[database.replicate]]\nname = \"s\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"0.0.0.0:50051\"\n"),
+            "Invalid stream address",
+        ),
+        (
+            format!("{good}\n[[database.replicate]]\nname = \"s\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"quic://127.0.0.1:50051\"\n"),
+            "tls_cert",
+        ),
+        (
+            format!("{good}\n[[database.replicate]]\nname = \"s\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"quic://127.0.0.1:50051\"\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n"),
+            "/nonexistent/c.pem",
+        ),
+        (
+            format!("{good}\n[[database.replicate]]\nname = \"s\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"quic://127.0.0.1:1\"\ntls_cart = \"x\"\n"),
+            "tls_cart",
+        ),
+        (
+            format!("{good}\n[[database.replicate]]\nname = \"s\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"quic://127.0.0.1:1\"\n[[database.replicate]]\nname = \"t\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"quic://127.0.0.1:2\"\n"),
+            "more than one replicate target of type \"stream\"",
+        ),
     ];
     for (cfg, needle) in cases {
         let (ok, err) = replicate_with(&w, &cfg);
@@ -150,4 +170,28 @@ fn core_is_no_std_and_io_free() {
         meta.matches("default-features = false").count() >= 2,
         "{meta}"
     );
+}
+
+/// replica-sidecar refuses a config it cannot follow with, naming what is missing.
+#[test]
+fn replica_sidecar_config_errors() {
+    let w = World::new("");
+    let run = |cfg: &str| {
+        let p = w.path("replica.toml");
+        fs::write(&p, cfg).unwrap();
+        let o = Command::new(bin())
+            .args(["-c", p.to_str().unwrap(), "replica-sidecar"])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "accepted:\n{cfg}");
+        stderr(&o)
+    };
+    let db = w.path("replica/data.db");
+    let err = run(&format!("[[database]]\ndb = \"{}\"\n[[database.replicate]]\nname = \"b\"\nparams.type = \"fs\"\nparams.root = \"/tmp\"\n", db.display()));
+    assert!(err.contains("type = \"stream\""), "{err}");
+    let err = run(&format!("[[database]]\ndb = \"{}\"\n[[database.replicate]]\nname = \"p\"\nparams.type = \"stream\"\nparams.addr = \"http://127.0.0.1:50051\"\n", db.display()));
+    assert!(err.contains("tls_ca"), "{err}");
+    let err = run(&format!("[[database]]\ndb = \"{}\"\n[[database.replicate]]\nname = \"p\"\nparams.type = \"stream\"\nparams.addr = \"http://127.0.0.1:50051\"\nparams.tls_ca = \"/etc/hostname\"\n", db.display()));
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!db.exists());
 }

@@ -1,0 +1,369 @@
+//! Streaming-replica benchmarks, against the real release binary on loopback:
+//!
+//! 1. commit on the primary → visible to a reader holding one connection open on the replica
+//!    (p50, p99, max) at 100 and 1,000 transactions/s;
+//! 2. the highest sustained rate the replica keeps up with: the writer commits as fast as it can
+//!    (small rows, then 64 KiB rows) and the replica's apply rate is measured from the first
+//!    commit to the moment the last one is visible;
+//! 3. with `REPLITED_PEER_BIN` set to a build of another replited (github.com/mrchypark/replited,
+//!    built by hand — this repository never builds it), the same 100 tx/s workload against its
+//!    stream replication in the same run, and the ratio of the lags.
+//!
+//! `cargo bench --bench stream` runs the full sizes; `cargo bench -- --test` a tiny version.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_replited")
+}
+
+fn bench_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-scratch");
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_log(log: &Path, needle: &str, limit: Duration) {
+    let start = Instant::now();
+    while !fs::read_to_string(log).unwrap_or_default().contains(needle) {
+        assert!(
+            start.elapsed() < limit,
+            "{needle:?} not logged within {limit:?}:\n{}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn stop(mut c: Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = c.wait();
+}
+
+/// A primary and a replica, either ours or the peer's.
+struct Pair {
+    /// Kept for its lifetime (removed on drop).
+    _dir: tempfile::TempDir,
+    pdb: PathBuf,
+    rdb: PathBuf,
+    primary: Option<Child>,
+    replica: Option<Child>,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for c in [self.replica.take(), self.primary.take()]
+            .into_iter()
+            .flatten()
+        {
+            stop(c);
+        }
+    }
+}
+
+fn new_db(path: &Path) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.pragma_update(None, "journal_mode", "wal").unwrap();
+    conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB NOT NULL)")
+        .unwrap();
+}
+
+impl Pair {
+    fn dirs(prefix: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(bench_dir())
+            .unwrap();
+        for s in ["primary", "replica"] {
+            fs::create_dir_all(dir.path().join(s)).unwrap();
+        }
+        let pdb = dir.path().join("primary/data.db");
+        let rdb = dir.path().join("replica/data.db");
+        new_db(&pdb);
+        (dir, pdb, rdb)
+    }
+
+    fn spawn(exe: &str, args: &[&str], log: &Path) -> Child {
+        Command::new(exe)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Ours: QUIC with mutual TLS.
+    fn ours() -> Pair {
+        let (dir, pdb, rdb) = Pair::dirs("replited-bench-stream");
+        let d = dir.path();
+        let c = d.join("certs");
+        let cs = c.to_str().unwrap();
+        for args in [
+            vec!["ca", "--dir", cs],
+            vec!["server", "--ca-dir", cs, "--san", "127.0.0.1"],
+            vec!["client", "--ca-dir", cs, "--name", "replica-1"],
+        ] {
+            assert!(Command::new(bin())
+                .arg("cert")
+                .args(&args)
+                .output()
+                .unwrap()
+                .status
+                .success());
+        }
+        let port = free_udp_port();
+        let pcfg = d.join("primary.toml");
+        fs::write(&pcfg, format!(
+            "[[database]]\ndb = \"{}\"\n[[database.replicate]]\nname = \"backup\"\nparams.type = \"fs\"\nparams.root = \"{}/backup\"\n[[database.replicate]]\nname = \"stream\"\nparams.type = \"stream\"\nparams.addr = \"quic://127.0.0.1:{port}\"\nparams.tls_cert = \"{cs}/primary.pem\"\nparams.tls_key = \"{cs}/primary-key.pem\"\nparams.tls_client_ca = \"{cs}/ca.pem\"\n",
+            pdb.display(), d.display())).unwrap();
+        let rcfg = d.join("replica.toml");
+        fs::write(&rcfg, format!(
+            "[[database]]\ndb = \"{}\"\n[[database.replicate]]\nname = \"primary\"\nparams.type = \"stream\"\nparams.addr = \"quic://127.0.0.1:{port}\"\nparams.tls_ca = \"{cs}/ca.pem\"\nparams.tls_cert = \"{cs}/replica-1.pem\"\nparams.tls_key = \"{cs}/replica-1-key.pem\"\n",
+            rdb.display())).unwrap();
+        let plog = d.join("primary.log");
+        let primary = Pair::spawn(bin(), &["-c", pcfg.to_str().unwrap(), "replicate"], &plog);
+        wait_log(&plog, "capturing", Duration::from_secs(60));
+        let rlog = d.join("replica.log");
+        let replica = Pair::spawn(
+            bin(),
+            &["-c", rcfg.to_str().unwrap(), "replica-sidecar"],
+            &rlog,
+        );
+        wait_log(&rlog, "caught up with the primary", Duration::from_secs(60));
+        Pair {
+            _dir: dir,
+            pdb,
+            rdb,
+            primary: Some(primary),
+            replica: Some(replica),
+        }
+    }
+
+    /// The peer (mrchypark/replited): gRPC stream replication with an fs backend for the
+    /// initial restore, as its stream replication guide configures it.
+    fn peer(exe: &str) -> Pair {
+        let (dir, pdb, rdb) = Pair::dirs("replited-bench-peer");
+        let d = dir.path();
+        let port = free_udp_port();
+        let pcfg = d.join("primary.toml");
+        fs::write(&pcfg, format!(
+            "[log]\nlevel = \"Info\"\ndir = \"{dir}/plog\"\n\n[[database]]\ndb = \"{}\"\n\n[[database.replicate]]\nname = \"backup\"\n[database.replicate.params]\ntype = \"fs\"\nroot = \"{dir}/backup\"\n\n[[database.replicate]]\nname = \"stream-server\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"http://127.0.0.1:{port}\"\n",
+            pdb.display(), dir = d.display())).unwrap();
+        let rcfg = d.join("replica.toml");
+        fs::write(&rcfg, format!(
+            "[log]\nlevel = \"Info\"\ndir = \"{dir}/rlog\"\n\n[[database]]\ndb = \"{}\"\n\n[[database.replicate]]\nname = \"stream-client\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"http://127.0.0.1:{port}\"\n",
+            rdb.display(), dir = d.display())).unwrap();
+        // Some rows first, so the peer has a snapshot to restore from.
+        {
+            let c = rusqlite::Connection::open(&pdb).unwrap();
+            c.execute("INSERT INTO t (v) VALUES (x'00')", []).unwrap();
+        }
+        let primary = Pair::spawn(
+            exe,
+            &["--config", pcfg.to_str().unwrap(), "replicate"],
+            &d.join("primary.log"),
+        );
+        std::thread::sleep(Duration::from_secs(3));
+        let replica = Pair::spawn(
+            exe,
+            &[
+                "--config",
+                rcfg.to_str().unwrap(),
+                "replica-sidecar",
+                "--force-restore",
+            ],
+            &d.join("replica.log"),
+        );
+        // Ready once the replica's database holds the first row.
+        let start = Instant::now();
+        loop {
+            let n: i64 = rusqlite::Connection::open(&rdb)
+                .and_then(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get(0)))
+                .unwrap_or(0);
+            if n >= 1 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "the peer's replica never restored"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Pair {
+            _dir: dir,
+            pdb,
+            rdb,
+            primary: Some(primary),
+            replica: Some(replica),
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+struct Lag {
+    n: usize,
+    seen: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+/// Commits `n` one-row transactions at `rate`/s on the primary; a reader with one connection
+/// open on the replica polls for the newest row; lag = first seen − commit.
+fn lag(pair: &Pair, rate: u32, n: usize, payload: usize) -> Lag {
+    let conn = rusqlite::Connection::open(&pair.pdb).unwrap();
+    conn.pragma_update(None, "synchronous", "normal").unwrap();
+    let base: i64 = conn
+        .query_row("SELECT coalesce(max(id), 0) FROM t", [], |r| r.get(0))
+        .unwrap();
+    let seen: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; n]));
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let seen = seen.clone();
+        let done = done.clone();
+        let rdb = pair.rdb.clone();
+        std::thread::spawn(move || {
+            let r = rusqlite::Connection::open(&rdb).unwrap();
+            let mut stmt = r.prepare("SELECT coalesce(max(id), 0) FROM t").unwrap();
+            let mut upto = base;
+            while !done.load(Ordering::SeqCst) {
+                let m: i64 = stmt.query_row([], |r| r.get(0)).unwrap_or(upto);
+                if m > upto {
+                    let now = Instant::now();
+                    let mut s = seen.lock().unwrap();
+                    for id in upto + 1..=m {
+                        let i = (id - base - 1) as usize;
+                        if i < s.len() {
+                            s[i] = Some(now);
+                        }
+                    }
+                    upto = m;
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        })
+    };
+    let payload = vec![7u8; payload];
+    let mut commits = Vec::with_capacity(n);
+    let mut stmt = conn.prepare("INSERT INTO t (v) VALUES (?)").unwrap();
+    let t0 = Instant::now();
+    for i in 0..n {
+        if rate > 0 {
+            let due = t0 + Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        }
+        stmt.execute([&payload]).unwrap();
+        commits.push(Instant::now());
+    }
+    let wait = Instant::now();
+    while seen.lock().unwrap()[n - 1].is_none() && wait.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    done.store(true, Ordering::SeqCst);
+    reader.join().unwrap();
+    let s = seen.lock().unwrap();
+    let mut v: Vec<f64> = commits
+        .iter()
+        .zip(s.iter())
+        .filter_map(|(c, s)| s.map(|s| s.saturating_duration_since(*c).as_secs_f64() * 1e3))
+        .collect();
+    let seen_n = v.len();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        v.push(f64::NAN);
+    }
+    Lag {
+        n,
+        seen: seen_n,
+        p50: percentile(&v, 0.5),
+        p99: percentile(&v, 0.99),
+        max: *v.last().unwrap(),
+    }
+}
+
+/// Commits as fast as possible; the replica's sustained rate is n / (last visible − first
+/// commit).
+fn throughput(pair: &Pair, n: usize, payload: usize) -> (f64, f64, f64) {
+    let t0 = Instant::now();
+    let l = lag(pair, 0, n, payload);
+    // lag() returns when the last row is visible (or gave up).
+    let secs = t0.elapsed().as_secs_f64();
+    assert_eq!(l.seen, n, "the replica did not keep up at all");
+    let tps = n as f64 / secs;
+    (tps, tps * payload as f64 / 1e6, l.max)
+}
+
+fn main() {
+    let test = std::env::args().any(|a| a == "--test");
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let (rates, secs, small, big): (&[u32], f64, usize, usize) = if test {
+        (&[200], 0.25, 200, 20)
+    } else {
+        (&[100, 1000], 10.0, 20_000, 2_000)
+    };
+    let pair = Pair::ours();
+    println!("### commit on the primary → visible to an open reader on the replica (loopback)\n");
+    println!("| rate (tx/s) | transactions | p50 (ms) | p99 (ms) | max (ms) |");
+    println!("|---|---|---|---|---|");
+    for &r in rates {
+        let l = lag(&pair, r, (r as f64 * secs) as usize, 100);
+        assert_eq!(l.seen, l.n, "every transaction reached the replica");
+        println!(
+            "| {r} | {} | {:.2} | {:.2} | {:.2} |",
+            l.n, l.p50, l.p99, l.max
+        );
+    }
+    println!("\n### sustained: the writer as fast as it can, the replica following\n");
+    println!("| rows | transactions | replica tx/s | MB/s of rows | lag at the end (ms) |");
+    println!("|---|---|---|---|---|");
+    for (rows, n, payload) in [("100 B", small, 100), ("64 KiB", big, 65536)] {
+        let (tps, mbps, last) = throughput(&pair, n, payload);
+        println!("| {rows} | {n} | {tps:.0} | {mbps:.1} | {last:.1} |");
+    }
+    drop(pair);
+    if let Ok(peer) = std::env::var("REPLITED_PEER_BIN") {
+        let rate = 100;
+        let n = (rate as f64 * secs) as usize;
+        let ours = lag(&Pair::ours(), rate, n, 100);
+        let theirs = lag(&Pair::peer(&peer), rate, n, 100);
+        println!("\n### the same run: {rate} tx/s, ours beside {peer}\n");
+        println!("| replica | seen | p50 (ms) | p99 (ms) | max (ms) |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| replited (this repository, QUIC) | {}/{} | {:.2} | {:.2} | {:.2} |",
+            ours.seen, ours.n, ours.p50, ours.p99, ours.max
+        );
+        println!(
+            "| mrchypark/replited (gRPC) | {}/{} | {:.2} | {:.2} | {:.2} |",
+            theirs.seen, theirs.n, theirs.p50, theirs.p99, theirs.max
+        );
+        println!(
+            "\nratio of p50 lags (theirs / ours): {:.1}; of p99: {:.1}",
+            theirs.p50 / ours.p50,
+            theirs.p99 / ours.p99
+        );
+    }
+}

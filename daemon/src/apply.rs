@@ -281,6 +281,15 @@ impl Applier {
         self.applied = Some(txid);
     }
 
+    /// Leaves checkpoints to another connection ([`checkpoint_loop`]): no PASSIVE checkpoint
+    /// after every [`Applier::checkpoint_every`] transactions and no SQLite autocheckpoint on
+    /// this connection's commits, so applying never waits for a checkpoint's writes and fsyncs.
+    pub fn background_checkpoints(&mut self) -> Result<()> {
+        self.checkpoint_every = 0;
+        self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(())
+    }
+
     /// The primary's page-1 stamp of the current content (see [`Page1Stamp`]): keep it with
     /// the applied position to reopen the replica with [`Applier::open_with_stamp`].
     pub fn stamp(&self) -> Page1Stamp {
@@ -688,5 +697,33 @@ fn put_stamp(page1: &mut [u8], s: &Page1Stamp) {
         let len = r.len();
         page1[r].copy_from_slice(&s[at..at + len]);
         at += len;
+    }
+}
+
+/// Runs a PASSIVE checkpoint of the replica at `path` every `every` until `stop` is set, each
+/// with a connection of its own (opened anew each time, so a database replaced by a restore is
+/// followed). Pair with [`Applier::background_checkpoints`]. A reader holding a read
+/// transaction can hold the WAL's reset back, never the applier.
+pub fn checkpoint_loop(path: &Path, every: Duration, stop: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering;
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(every);
+        if !path.exists() {
+            continue;
+        }
+        let r = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|c| {
+            c.busy_timeout(Duration::from_millis(100))?;
+            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })
+        });
+        match r {
+            Ok((log, done)) => tracing::trace!(log, done, "replica checkpoint (PASSIVE)"),
+            Err(e) => tracing::debug!("replica checkpoint: {e}"),
+        }
     }
 }

@@ -34,7 +34,7 @@ use replited_core::proto::{ErrorCode, ProtoError};
 use replited_core::replica::{Applied, Replica, ReplicaConfig, ReplicaEvent, ReplicaState};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::apply::{stamp_of, Applier, ApplyError, Page1Stamp};
+use crate::apply::{checkpoint_loop, stamp_of, Applier, ApplyError, Page1Stamp};
 use crate::config::{db_name, Config, DbConfig, StreamParams};
 use crate::replicate::now_ms;
 use crate::restore::{install, remove_db_files, restore, temp_path, RestoreOptions};
@@ -54,6 +54,8 @@ pub struct SidecarOptions {
     pub restart_on_schema_change: bool,
 }
 
+/// How often the replica's WAL is checkpointed (by a connection of its own).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// How often a write made on the replica is looked for.
 const LOCAL_WRITE_CHECK: Duration = Duration::from_millis(250);
 /// Reconnection backoff bounds.
@@ -416,6 +418,21 @@ impl Follower {
     }
 
     async fn run_inner(&self) -> Result<()> {
+        // Checkpoints run beside the applier, never in its way.
+        let stop_ckpt = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ckpt = {
+            let (db, stop) = (self.db.clone(), stop_ckpt.clone());
+            std::thread::Builder::new()
+                .name(format!("checkpoint {}", self.name))
+                .spawn(move || checkpoint_loop(&db, CHECKPOINT_EVERY, &stop))?
+        };
+        let r = self.follow().await;
+        stop_ckpt.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = tokio::task::spawn_blocking(move || ckpt.join()).await;
+        r
+    }
+
+    async fn follow(&self) -> Result<()> {
         let mut local = Local {
             db: self.db.clone(),
             busy: self.busy,
@@ -741,6 +758,9 @@ impl Local {
 
     fn adopt(&mut self, mut a: Applier, e: &Entry) -> Applied {
         a.set_applied_txid(e.txid);
+        if let Err(err) = a.background_checkpoints() {
+            tracing::warn!(db = %self.db.display(), "{err:#}");
+        }
         self.schema_cookie = Some(a.schema_cookie());
         self.applier = Some(a);
         Applied {

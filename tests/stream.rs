@@ -322,6 +322,22 @@ fn replica_and_primary_restarts() {
     wait_equal(&c.pdb, &c.rdb, Duration::from_secs(90), &[&p, &r]);
     assert_eq!(state(&c.rdb), expect(2500));
     assert_eq!(integrity(&c.rdb), "ok");
+    // The database shrinks on the primary (VACUUM): the replica follows.
+    let pages = |db: &Path| -> i64 {
+        rusqlite::Connection::open(db)
+            .unwrap()
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap()
+    };
+    {
+        let conn = rusqlite::Connection::open(&c.pdb).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn.execute_batch("DELETE FROM items WHERE id % 3 = 0; VACUUM;")
+            .unwrap();
+    }
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(60), &[&p, &r]);
+    assert_eq!(pages(&c.rdb), pages(&c.pdb));
+    assert_eq!(integrity(&c.rdb), "ok");
     r.stop();
     p.stop();
 }
@@ -470,4 +486,57 @@ fn replica_converges_under_packet_loss() {
     r.stop();
     p.stop();
     drop(net);
+}
+
+/// `--exec`: the app starts once the replica has caught up, is restarted with backoff when it
+/// exits, and receives SIGTERM when replited stops.
+#[test]
+fn exec_child_is_supervised() {
+    let c = Cluster::new(Opts::default());
+    let p = c.primary();
+    run_load(&c.pdb, 1, 100);
+    let runs = c.dir.path().join("runs");
+    let script = c.dir.path().join("app.sh");
+    // Each start appends a line; the first two starts exit by themselves (a crash), the third
+    // waits for SIGTERM and records it.
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho start >> {runs}\nn=$(wc -l < {runs})\nif [ \"$n\" -lt 3 ]; then exit 3; fi\ntrap 'echo term >> {runs}; exit 0' TERM\nwhile true; do sleep 0.1; done\n",
+            runs = runs.display()
+        ),
+    )
+    .unwrap();
+    let r = c.replica(&["--exec", &format!("sh {}", script.display())]);
+    r.wait_for_log("caught up with the primary", Duration::from_secs(60));
+    let start = Instant::now();
+    while fs::read_to_string(&runs)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 3
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the app was not restarted:\n{}",
+            r.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = r.log_text();
+    let caught = log.find("caught up with the primary").unwrap();
+    let started = log.find("started the app").unwrap();
+    assert!(caught < started, "the app starts after catching up:\n{log}");
+    assert!(log.contains("the app exited: exit status: 3"), "{log}");
+    assert!(log.contains("restarting the app in"), "{log}");
+    std::thread::sleep(Duration::from_millis(300));
+    let log = r.stop();
+    assert!(log.contains("the app stopped"), "{log}");
+    let lines = fs::read_to_string(&runs).unwrap();
+    assert_eq!(
+        lines.lines().collect::<Vec<_>>(),
+        ["start", "start", "start", "term"],
+        "SIGTERM reached the app"
+    );
+    p.stop();
 }

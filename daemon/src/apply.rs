@@ -281,12 +281,18 @@ impl Applier {
         self.applied = Some(txid);
     }
 
-    /// Leaves checkpoints to another connection ([`checkpoint_loop`]): no PASSIVE checkpoint
-    /// after every [`Applier::checkpoint_every`] transactions and no SQLite autocheckpoint on
-    /// this connection's commits, so applying never waits for a checkpoint's writes and fsyncs.
-    pub fn background_checkpoints(&mut self) -> Result<()> {
+    /// Tunes the applying connection for streaming: checkpoints are left to another connection
+    /// ([`checkpoint_loop`]) — no PASSIVE checkpoint after every
+    /// [`Applier::checkpoint_every`] transactions, no SQLite autocheckpoint on this connection's
+    /// commits — and commits are not fsynced (`synchronous = NORMAL`; the WAL is synced at each
+    /// checkpoint), so applying never waits for a disk flush. A transaction is visible to
+    /// readers and survives a crash of any process once committed; a power loss may take the
+    /// last ones away, which the replica's position check catches at start (it then resumes
+    /// from an older position or restores — never a wrong database).
+    pub fn tune_for_streaming(&mut self) -> Result<()> {
         self.checkpoint_every = 0;
         self.conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
         Ok(())
     }
 
@@ -702,7 +708,7 @@ fn put_stamp(page1: &mut [u8], s: &Page1Stamp) {
 
 /// Runs a PASSIVE checkpoint of the replica at `path` every `every` until `stop` is set, each
 /// with a connection of its own (opened anew each time, so a database replaced by a restore is
-/// followed). Pair with [`Applier::background_checkpoints`]. A reader holding a read
+/// followed). Pair with [`Applier::tune_for_streaming`]. A reader holding a read
 /// transaction can hold the WAL's reset back, never the applier.
 pub fn checkpoint_loop(path: &Path, every: Duration, stop: &std::sync::atomic::AtomicBool) {
     use std::sync::atomic::Ordering;

@@ -518,8 +518,16 @@ async fn session_loop(
         while let Some(ev) = s.poll_event() {
             match ev {
                 PrimaryEvent::NeedTxns { after } => {
-                    let h = hub.clone();
-                    match tokio::task::spawn_blocking(move || h.txns_after(after)).await? {
+                    // Recent transactions straight from memory; storage reads off the runtime.
+                    let recent = hub.recent_after(after).filter(|v| !v.is_empty());
+                    let found = match recent {
+                        Some(v) => Ok(v),
+                        None => {
+                            let h = hub.clone();
+                            tokio::task::spawn_blocking(move || h.txns_after(after)).await?
+                        }
+                    };
+                    match found {
                         Ok(txns) => {
                             for t in txns {
                                 s.push_txn((*t).clone());

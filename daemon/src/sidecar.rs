@@ -758,7 +758,7 @@ impl Local {
 
     fn adopt(&mut self, mut a: Applier, e: &Entry) -> Applied {
         a.set_applied_txid(e.txid);
-        if let Err(err) = a.background_checkpoints() {
+        if let Err(err) = a.tune_for_streaming() {
             tracing::warn!(db = %self.db.display(), "{err:#}");
         }
         self.schema_cookie = Some(a.schema_cookie());

@@ -264,7 +264,9 @@ async fn hello_welcome_then_1000_txns_in_order() {
         );
         stream.finish().unwrap();
         assert_eq!(stream.recv().await.unwrap(), None);
-        conn.closed().await;
+        // Keep the connection until the client has read everything; it closes it after this
+        // task ends (closing first could discard the end of stream before it is read here).
+        conn
     });
 
     let tls = pki.client(None);
@@ -292,11 +294,12 @@ async fn hello_welcome_then_1000_txns_in_order() {
         .unwrap();
     stream.finish().unwrap();
     assert_eq!(stream.recv().await.unwrap(), None, "clean end of stream");
-    conn.close(0u32.into(), b"done");
-    timeout(Duration::from_secs(10), server)
+    let server_conn = timeout(Duration::from_secs(10), server)
         .await
         .unwrap()
         .unwrap();
+    conn.close(0u32.into(), b"done");
+    drop(server_conn);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -166,6 +166,13 @@ pub struct Replicator {
     needs_establish: bool,
     /// The stream server's feed, when replicas follow this database.
     hub: Option<Arc<Hub>>,
+    /// inotify watch of the database file: it changes only when a checkpoint copies frames
+    /// back, which is when a waiting RESTART/TRUNCATE checkpoint may need the guard to move.
+    db_watch: Option<nix::sys::inotify::WatchDescriptor>,
+    /// The database file changed since the guard last moved.
+    db_modified: bool,
+    /// When the guard last moved.
+    last_rotation: Instant,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -243,6 +250,9 @@ impl Replicator {
             backfilled: None,
             needs_establish: false,
             hub: None,
+            db_watch: None,
+            db_modified: false,
+            last_rotation: now,
             buf: Vec::new(),
             out: Vec::new(),
             cfg,
@@ -270,6 +280,11 @@ impl Replicator {
                 AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_DELETE,
             )
             .with_context(|| format!("watching {} with inotify", dir.display()))?;
+        self.db_watch = Some(
+            inotify
+                .add_watch(&self.db_path, AddWatchFlags::IN_MODIFY)
+                .with_context(|| format!("watching {} with inotify", self.db_path.display()))?,
+        );
         self.inotify = Some(inotify);
         self.establish()?;
         self.announce();
@@ -313,8 +328,14 @@ impl Replicator {
             for _ in 0..DRAIN_READS {
                 match inotify.read_events() {
                     Ok(events) if !events.is_empty() => {
+                        for e in &events {
+                            if Some(e.wd) == self.db_watch {
+                                self.db_modified = true;
+                                woke = true;
+                            }
+                        }
                         woke |= events.iter().any(|e| match &e.name {
-                            None => true,
+                            None => Some(e.wd) != self.db_watch,
                             Some(n) => n.as_os_str() == self.wal_name.as_os_str(),
                         });
                     }
@@ -410,6 +431,18 @@ impl Replicator {
             if since.elapsed() >= self.cfg.sync_interval {
                 self.sync()?;
             }
+        }
+        // Nothing to write, but the app may be running a RESTART or TRUNCATE checkpoint that
+        // waits (holding SQLite's write lock) for every reader to leave the WAL, the guard
+        // included: move the guard when the database file changed (a checkpoint copied frames
+        // back) and at least every second, so such a checkpoint completes at once — a reader
+        // that starts on a fully checkpointed WAL reads the database file only.
+        if self.batch.is_empty()
+            && self.active.is_some()
+            && (self.db_modified || self.last_rotation.elapsed() >= IDLE_STEP)
+        {
+            self.db_modified = false;
+            self.sync()?;
         }
         let frames = self.scanner.as_ref().map_or(0, |s| s.frames_committed());
         let wal_state = self
@@ -649,6 +682,7 @@ impl Replicator {
             sqlite::end_txn(&self.guards[a]);
         }
         self.active = Some(next);
+        self.last_rotation = Instant::now();
         Ok(())
     }
 

@@ -13,7 +13,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -88,10 +88,15 @@ fn new_db(path: &Path) {
 
 impl Pair {
     fn dirs(prefix: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
-        let dir = tempfile::Builder::new()
+        let mut dir = tempfile::Builder::new()
             .prefix(prefix)
             .tempdir_in(bench_dir())
             .unwrap();
+        // REPLITED_BENCH_KEEP=1 keeps the directories (logs) for a look afterwards.
+        if std::env::var_os("REPLITED_BENCH_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping {}", dir.path().display());
+        }
         for s in ["primary", "replica"] {
             fs::create_dir_all(dir.path().join(s)).unwrap();
         }
@@ -102,10 +107,11 @@ impl Pair {
     }
 
     fn spawn(exe: &str, args: &[&str], log: &Path) -> Child {
+        let f = fs::File::create(log).unwrap();
         Command::new(exe)
             .args(args)
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(log).unwrap())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
             .spawn()
             .unwrap()
     }
@@ -269,13 +275,16 @@ fn lag(pair: &Pair, rate: u32, n: usize, payload: usize, how: Reader) -> Lag {
         let done = done.clone();
         let rdb = pair.rdb.clone();
         std::thread::spawn(move || {
-            let r = rusqlite::Connection::open(&rdb).unwrap();
-            let mut stmt = r.prepare("SELECT coalesce(max(id), 0) FROM t").unwrap();
+            // Only the Open reader holds a connection (the peer's replica breaks under one).
+            let r = (how == Reader::Open).then(|| rusqlite::Connection::open(&rdb).unwrap());
             let mut upto = base;
             while !done.load(Ordering::SeqCst) {
-                let m: i64 = match how {
-                    Reader::Open => stmt.query_row([], |r| r.get(0)).unwrap_or(upto),
-                    Reader::Immutable => immutable_max_id(&rdb),
+                let m: i64 = match &r {
+                    Some(r) => r
+                        .prepare_cached("SELECT coalesce(max(id), 0) FROM t")
+                        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                        .unwrap_or(upto),
+                    None => immutable_max_id(&rdb),
                 };
                 if m > upto {
                     let now = Instant::now();
@@ -288,7 +297,12 @@ fn lag(pair: &Pair, rate: u32, n: usize, payload: usize, how: Reader) -> Lag {
                     }
                     upto = m;
                 }
-                std::thread::sleep(Duration::from_micros(100));
+                // Opening a connection per poll costs far more than a query: poll it every ms
+                // so the reader does not starve the replica of CPU.
+                std::thread::sleep(match how {
+                    Reader::Open => Duration::from_micros(100),
+                    Reader::Immutable => Duration::from_millis(1),
+                });
             }
         })
     };
@@ -354,6 +368,17 @@ fn main() {
     } else {
         (&[100, 1000], 10.0, 20_000, 2_000)
     };
+    // REPLITED_BENCH=peer runs only the side-by-side comparison.
+    let only_peer = std::env::var("REPLITED_BENCH").is_ok_and(|b| b == "peer");
+    if !only_peer {
+        ours_tables(rates, secs, small, big);
+    }
+    if let Ok(peer) = std::env::var("REPLITED_PEER_BIN") {
+        side_by_side(&peer, secs);
+    }
+}
+
+fn ours_tables(rates: &[u32], secs: f64, small: usize, big: usize) {
     let pair = Pair::ours();
     println!("### commit on the primary → visible to an open reader on the replica (loopback)\n");
     println!("| rate (tx/s) | transactions | p50 (ms) | p99 (ms) | max (ms) |");
@@ -373,12 +398,14 @@ fn main() {
         let (tps, mbps, last) = throughput(&pair, n, payload);
         println!("| {rows} | {n} | {tps:.0} | {mbps:.1} | {last:.1} |");
     }
-    drop(pair);
-    if let Ok(peer) = std::env::var("REPLITED_PEER_BIN") {
+}
+
+fn side_by_side(peer: &str, secs: f64) {
+    {
         let rate = 100;
         let n = (rate as f64 * secs.max(20.0)) as usize;
         let ours = lag(&Pair::ours(), rate, n, 100, Reader::Open);
-        let theirs = lag(&Pair::peer(&peer), rate, n, 100, Reader::Immutable);
+        let theirs = lag(&Pair::peer(peer), rate, n, 100, Reader::Immutable);
         println!("\n### the same run: {rate} tx/s for {n} transactions, ours beside {peer}\n");
         println!("| replica | reader | seen | p50 (ms) | p99 (ms) | max (ms) |");
         println!("|---|---|---|---|---|---|");

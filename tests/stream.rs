@@ -540,3 +540,41 @@ fn exec_child_is_supervised() {
     );
     p.stop();
 }
+
+/// A replica that cannot read the primary's backup directory (here: an empty tmpfs mounted over
+/// it in the replica's own mount namespace) gets the snapshot streamed by the primary.
+#[test]
+fn snapshot_is_streamed_when_the_backup_is_unreachable() {
+    let c = Cluster::new(Opts::default());
+    let fill = Command::new("python3")
+        .arg(load_py())
+        .args(["fill", c.pdb.to_str().unwrap(), "12"])
+        .status()
+        .unwrap();
+    assert!(fill.success());
+    let p = c.primary();
+    run_load(&c.pdb, 1, 300);
+    let backup = c.dir.path().join("backup");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs none {} && exec {} \"$@\"",
+            backup.display(),
+            bin()
+        ))
+        .arg("sh");
+    let r = c.replica_cmd(cmd, &[]);
+    r.wait_for_log("caught up with the primary", Duration::from_secs(120));
+    let log = r.log_text();
+    assert!(
+        log.contains("asking the primary to stream a snapshot"),
+        "{log}"
+    );
+    assert!(log.contains("snapshot installed"), "{log}");
+    run_load(&c.pdb, 301, 600);
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(60), &[&p, &r]);
+    assert_eq!(integrity(&c.rdb), "ok");
+    r.stop();
+    let plog = p.stop();
+    assert!(plog.contains("snapshot streamed"), "{plog}");
+}

@@ -710,10 +710,20 @@ fn put_stamp(page1: &mut [u8], s: &Page1Stamp) {
 /// with a connection of its own (opened anew each time, so a database replaced by a restore is
 /// followed). Pair with [`Applier::tune_for_streaming`]. A reader holding a read
 /// transaction can hold the WAL's reset back, never the applier.
-pub fn checkpoint_loop(path: &Path, every: Duration, stop: &std::sync::atomic::AtomicBool) {
+///
+/// `lock` is held for each checkpoint: whoever replaces the database file holds it meanwhile, so
+/// a checkpointing connection of the old file never closes (and deletes its `-wal`) next to the
+/// new one.
+pub fn checkpoint_loop(
+    path: &Path,
+    every: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+    lock: &tokio::sync::Mutex<()>,
+) {
     use std::sync::atomic::Ordering;
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(every);
+        let _held = lock.blocking_lock();
         if !path.exists() {
             continue;
         }

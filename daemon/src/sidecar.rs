@@ -397,6 +397,8 @@ enum End {
 /// The local side of one database: the applier, the position file and a snapshot being
 /// received.
 struct Local {
+    /// Held while the database file is replaced (see [`checkpoint_loop`]).
+    file_lock: Arc<tokio::sync::Mutex<()>>,
     db: PathBuf,
     busy: Duration,
     applier: Option<Applier>,
@@ -420,20 +422,22 @@ impl Follower {
     async fn run_inner(&self) -> Result<()> {
         // Checkpoints run beside the applier, never in its way.
         let stop_ckpt = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let file_lock = Arc::new(tokio::sync::Mutex::new(()));
         let ckpt = {
-            let (db, stop) = (self.db.clone(), stop_ckpt.clone());
+            let (db, stop, lock) = (self.db.clone(), stop_ckpt.clone(), file_lock.clone());
             std::thread::Builder::new()
                 .name(format!("checkpoint {}", self.name))
-                .spawn(move || checkpoint_loop(&db, CHECKPOINT_EVERY, &stop))?
+                .spawn(move || checkpoint_loop(&db, CHECKPOINT_EVERY, &stop, &lock))?
         };
-        let r = self.follow().await;
+        let r = self.follow(file_lock).await;
         stop_ckpt.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = tokio::task::spawn_blocking(move || ckpt.join()).await;
         r
     }
 
-    async fn follow(&self) -> Result<()> {
+    async fn follow(&self, file_lock: Arc<tokio::sync::Mutex<()>>) -> Result<()> {
         let mut local = Local {
+            file_lock,
             db: self.db.clone(),
             busy: self.busy,
             applier: None,
@@ -718,6 +722,8 @@ impl Follower {
                     .snapshot
                     .take()
                     .ok_or_else(|| anyhow!("snapshot end without a snapshot"))?;
+                let lock = local.file_lock.clone();
+                let _held = lock.lock().await;
                 let ck = local.install_snapshot(s, pos, db_checksum)?;
                 replica.handle_applied(now_ms(), pos.txid, ck);
             }
@@ -774,6 +780,8 @@ impl Local {
 
     /// Restores from the storage the primary described (a directory this host can read).
     async fn restore_from(&mut self, storage: &[u8]) -> Result<Applied> {
+        let lock = self.file_lock.clone();
+        let _held = lock.lock().await;
         let dir = parse_restore_config(storage)?;
         if !dir.is_dir() {
             bail!(

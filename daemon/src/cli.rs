@@ -69,6 +69,11 @@ pub enum Command {
         /// Replace the output file if it exists (its -wal and -shm are removed).
         #[arg(long)]
         force: bool,
+        /// The S3 endpoint for an s3:// SOURCE outside AWS (e.g. http://127.0.0.1:9000);
+        /// default: AWS_ENDPOINT_URL, else AWS. Credentials come from AWS_ACCESS_KEY_ID and
+        /// AWS_SECRET_ACCESS_KEY, the region from AWS_REGION.
+        #[arg(long)]
+        endpoint: Option<String>,
     },
     /// Follow a primary as a read replica: restore when needed, then apply each of the
     /// primary's transactions as one SQLite transaction, until SIGTERM/SIGINT.
@@ -180,6 +185,7 @@ fn run(cli: Cli) -> Result<()> {
             if_db_not_exists,
             if_replica_exists,
             force,
+            endpoint,
         } => {
             init_logging(cli.log_level.as_deref().unwrap_or("info"));
             let target = match (timestamp, txid) {
@@ -191,7 +197,8 @@ fn run(cli: Cli) -> Result<()> {
                 Some(url) => {
                     let out =
                         output.ok_or_else(|| anyhow!("restoring from {url} needs -o OUTPUT"))?;
-                    (vec![storage_from_url(&url)?], out)
+                    let spool = crate::storage::parent_dir(&out).to_path_buf();
+                    (vec![storage_from_url(&url, endpoint, &spool)?], out)
                 }
                 None => {
                     let cfg = Config::load(&cli.config)?;
@@ -216,7 +223,7 @@ fn run(cli: Cli) -> Result<()> {
                         ),
                     };
                     let out = output.unwrap_or_else(|| dbc.db.clone());
-                    (targets(dbc).into_iter().map(|t| t.storage).collect(), out)
+                    (targets(dbc)?.into_iter().map(|t| t.storage).collect(), out)
                 }
             };
             let refs: Vec<&dyn Storage> = sources.iter().map(|s| &**s).collect();
@@ -285,14 +292,14 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
         preflight(d)
             .with_context(|| format!("{}: database {}", cfg.path.display(), d.db.display()))?;
         if let Some((target, p)) = d.stream() {
-            if targets(d).is_empty() {
+            if targets(d)?.is_empty() {
                 bail!(
                     "{}: database {}: replicate \"{target}\": a stream server needs a storage target (type = \"fs\") beside it: replicas restore from it and catch up from its history",
                     cfg.path.display(),
                     d.db.display()
                 );
             }
-            hubs.push((Arc::new(Hub::new(d)), target.to_string(), p.clone()));
+            hubs.push((Arc::new(Hub::new(d)?), target.to_string(), p.clone()));
         }
     }
     let servers = Servers::start(hubs.clone()).with_context(|| cfg.path.display().to_string())?;
@@ -351,8 +358,13 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
     }
 }
 
-/// `file:///dir/NAME` → the fs target holding NAME's backups.
-fn storage_from_url(url: &str) -> Result<Box<dyn Storage>> {
+/// `file:///dir/NAME` → the fs target holding NAME's backups; `s3://bucket/prefix/NAME` → the
+/// bucket's (temporary files of downloads go to `spool`).
+fn storage_from_url(
+    url: &str,
+    endpoint: Option<String>,
+    spool: &std::path::Path,
+) -> Result<Box<dyn Storage>> {
     let u = url::Url::parse(url).with_context(|| format!("invalid backup URL {url}"))?;
     match u.scheme() {
         "file" => {
@@ -364,7 +376,18 @@ fn storage_from_url(url: &str) -> Result<Box<dyn Storage>> {
             }
             Ok(Box::new(FsStorage::at(p)))
         }
-        s => bail!("unsupported backup URL scheme \"{s}\" in {url} (supported: file://)"),
+        "s3" => {
+            let bucket = u
+                .host_str()
+                .ok_or_else(|| anyhow!("invalid S3 URL {url}: expected s3://BUCKET/PREFIX/NAME"))?;
+            Ok(Box::new(crate::s3::S3Storage::from_url(
+                bucket,
+                u.path(),
+                endpoint,
+                spool,
+            )?))
+        }
+        s => bail!("unsupported backup URL scheme \"{s}\" in {url} (supported: file://, s3://)"),
     }
 }
 

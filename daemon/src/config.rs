@@ -198,9 +198,40 @@ pub struct ReplicateConfig {
 pub enum TargetParams {
     /// `type = "fs"`: a local directory.
     Fs(FsParams),
+    /// `type = "s3"`: an S3-compatible bucket.
+    S3(S3Params),
     /// `type = "stream"`: the QUIC stream server on a primary (`replicate`), or the primary a
     /// replica follows (`replica-sidecar`).
     Stream(StreamParams),
+}
+
+/// `type = "s3"`. Credentials and region fall back to `AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY` and `AWS_REGION` when absent.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct S3Params {
+    /// The bucket.
+    pub bucket: String,
+    /// The endpoint (`https://s3.example.com`, `http://127.0.0.1:9000`); AWS's regional
+    /// endpoint when absent.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The region (default `AWS_REGION`, else `us-east-1`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Key prefix under which each database gets `NAME/` (default: the bucket's root).
+    #[serde(default)]
+    pub root: String,
+    /// Access key id (default `AWS_ACCESS_KEY_ID`).
+    #[serde(default, alias = "access_key_id")]
+    pub access_key_id: Option<String>,
+    /// Secret access key (default `AWS_SECRET_ACCESS_KEY`).
+    #[serde(default, alias = "secret_access_key")]
+    pub secret_access_key: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`); default: on when `endpoint` is set
+    /// (MinIO, Garage, s3s), off for AWS.
+    #[serde(default, alias = "path_style", alias = "force-path-style")]
+    pub path_style: Option<bool>,
 }
 
 /// `type = "stream"`. Which keys are needed depends on the role: the primary's stream server
@@ -252,40 +283,31 @@ impl<'de> Deserialize<'de> for ReplicateConfig {
             Some(toml::Value::String(s)) => s,
             Some(other) => {
                 return Err(de::Error::custom(format!(
-                "replicate \"{}\": params.type must be a string (\"fs\" or \"stream\"), found {}",
+                "replicate \"{}\": params.type must be a string (\"fs\", \"s3\" or \"stream\"), found {}",
                 raw.name,
                 other.type_str()
             )))
             }
             None => {
                 return Err(de::Error::custom(format!(
-                    "replicate \"{}\": missing params.type (expected \"fs\" or \"stream\")",
+                    "replicate \"{}\": missing params.type (expected \"fs\", \"s3\" or \"stream\")",
                     raw.name
                 )))
             }
         };
+        fn parse<'de, T: Deserialize<'de>, E: de::Error>(
+            name: &str,
+            params: toml::Table,
+        ) -> Result<T, E> {
+            toml::Value::Table(params)
+                .try_into::<T>()
+                .map_err(|e| E::custom(format!("replicate \"{name}\": params: {}", e.message())))
+        }
         let params = match ty.to_ascii_lowercase().as_str() {
-            "fs" => TargetParams::Fs(
-                toml::Value::Table(params)
-                    .try_into::<FsParams>()
-                    .map_err(|e| {
-                        de::Error::custom(format!(
-                            "replicate \"{}\": params: {}",
-                            raw.name,
-                            e.message()
-                        ))
-                    })?,
-            ),
+            "fs" => TargetParams::Fs(parse(&raw.name, params)?),
+            "s3" => TargetParams::S3(parse(&raw.name, params)?),
             "stream" => {
-                let sp = toml::Value::Table(params)
-                    .try_into::<StreamParams>()
-                    .map_err(|e| {
-                        de::Error::custom(format!(
-                            "replicate \"{}\": params: {}",
-                            raw.name,
-                            e.message()
-                        ))
-                    })?;
+                let sp: StreamParams = parse(&raw.name, params)?;
                 if let Err(e) = crate::transport::parse_stream_addr(&sp.addr) {
                     return Err(de::Error::custom(format!(
                         "replicate \"{}\": params.addr: {e}",
@@ -294,15 +316,9 @@ impl<'de> Deserialize<'de> for ReplicateConfig {
                 }
                 TargetParams::Stream(sp)
             }
-            "s3" => {
-                return Err(de::Error::custom(format!(
-                    "replicate \"{}\": params.type \"{ty}\" is not supported by this build (supported: \"fs\", \"stream\")",
-                    raw.name
-                )))
-            }
             _ => {
                 return Err(de::Error::custom(format!(
-                    "replicate \"{}\": unknown params.type \"{ty}\" (expected \"fs\" or \"stream\")",
+                    "replicate \"{}\": unknown params.type \"{ty}\" (expected \"fs\", \"s3\" or \"stream\")",
                     raw.name
                 )))
             }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod reader;
 pub mod replicate;
 pub mod restore;
+pub mod s3;
 pub mod server;
 pub mod shutdown;
 pub mod sidecar;

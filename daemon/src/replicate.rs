@@ -45,6 +45,7 @@ use rusqlite::Connection;
 
 use crate::config::{db_name, Compression, DbConfig, TargetParams};
 use crate::reader::{decode_file, read_header};
+use crate::s3::S3Storage;
 use crate::server::Hub;
 use crate::shutdown::Shutdown;
 use crate::sqlite;
@@ -68,21 +69,25 @@ pub struct Target {
 }
 
 /// Builds the storage targets of a database from its config (a stream server is not one).
-pub fn targets(cfg: &DbConfig) -> Vec<Target> {
+pub fn targets(cfg: &DbConfig) -> Result<Vec<Target>> {
     let name = db_name(&cfg.db);
-    cfg.replicate
-        .iter()
-        .filter_map(|r| {
-            let storage = match &r.params {
-                TargetParams::Fs(p) => Box::new(FsStorage::new(&p.root, &name)) as Box<dyn Storage>,
-                TargetParams::Stream(_) => return None,
-            };
-            Some(Target {
-                name: r.name.clone(),
-                storage,
-            })
-        })
-        .collect()
+    let mut out = Vec::new();
+    for r in &cfg.replicate {
+        let storage = match &r.params {
+            TargetParams::Fs(p) => Box::new(FsStorage::new(&p.root, &name)) as Box<dyn Storage>,
+            // Temporary files (unnamed) go beside the database.
+            TargetParams::S3(p) => Box::new(
+                S3Storage::new(p, &name, parent_dir(&cfg.db))
+                    .with_context(|| format!("replicate \"{}\"", r.name))?,
+            ),
+            TargetParams::Stream(_) => continue,
+        };
+        out.push(Target {
+            name: r.name.clone(),
+            storage,
+        });
+    }
+    Ok(out)
 }
 
 /// Where the pages of a captured transaction are.
@@ -205,7 +210,7 @@ impl Replicator {
         let mut wal_name = db_path.file_name().expect("validated").to_os_string();
         wal_name.push("-wal");
         let wal_path = db_path.with_file_name(&wal_name);
-        let targets = targets(&cfg);
+        let targets = targets(&cfg)?;
         let writer = sqlite::open_locker(&db_path)?;
         sqlite::ensure_wal(&writer, &db_path)?;
         let ckpt = sqlite::open(&db_path, cfg.busy_timeout)?;
@@ -1380,7 +1385,7 @@ pub fn preflight(cfg: &DbConfig) -> Result<()> {
             dir.display()
         );
     }
-    for t in targets(cfg) {
+    for t in targets(cfg)? {
         t.storage
             .check_writable()
             .with_context(|| format!("replicate \"{}\" ({})", t.name, t.storage.describe()))?;

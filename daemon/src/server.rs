@@ -78,23 +78,23 @@ enum History {
 impl Hub {
     /// The hub of a database from its config (its storage targets give history and the
     /// restore config).
-    pub fn new(cfg: &DbConfig) -> Hub {
+    pub fn new(cfg: &DbConfig) -> Result<Hub> {
         let name = db_name(&cfg.db);
         let restore_config = cfg.replicate.iter().find_map(|t| match &t.params {
             TargetParams::Fs(p) => {
                 let root = std::fs::canonicalize(&p.root).unwrap_or_else(|_| p.root.clone());
                 Some(restore_config_fs(&root.join(&name)))
             }
-            TargetParams::Stream(_) => None,
+            TargetParams::S3(_) | TargetParams::Stream(_) => None,
         });
-        Hub {
+        Ok(Hub {
             scratch: crate::storage::parent_dir(&cfg.db).to_path_buf(),
             name,
             state: Mutex::new(HubState::default()),
             changed: watch::channel(0).0,
-            storage: targets(cfg).into_iter().map(|t| t.storage).collect(),
+            storage: targets(cfg)?.into_iter().map(|t| t.storage).collect(),
             restore_config,
-        }
+        })
     }
 
     /// The database name replicas ask for.

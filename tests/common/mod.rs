@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod s3;
 
 use std::fs;
 use std::path::{Path, PathBuf};

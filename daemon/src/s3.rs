@@ -1,0 +1,333 @@
+//! S3-compatible storage (AWS S3, R2, Backblaze B2, MinIO, Garage, …) through rust-s3's blocking
+//! client.
+//!
+//! Layout: the same names as a local directory, under the prefix: `ROOT/NAME/GEN/FILE`. Nothing
+//! is listed per sync: the capture thread knows what it wrote and lists only when it
+//! (re-)establishes. Files are written to a temporary file beside the database first (memory
+//! stays bounded whatever their size), then uploaded — in 8 MiB parts above 8 MiB — with
+//! retries (exponential backoff with jitter); `commit` returns only once the object is complete.
+//! An upload of the same name is idempotent (the names say what they hold). Reads download to a
+//! temporary file, which the reader consumes and which is gone once it is closed.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use replited_core::name::FileMeta;
+use s3::creds::Credentials;
+use s3::error::S3Error;
+use s3::{Bucket, Region};
+
+use crate::config::S3Params;
+use crate::storage::{ObjectWriter, Storage};
+
+/// Attempts per request before the error is returned (the capture loop then retries later).
+const ATTEMPTS: u32 = 4;
+
+/// One database's files in a bucket.
+pub struct S3Storage {
+    bucket: Box<Bucket>,
+    /// `ROOT/NAME` without a trailing slash (no leading slash).
+    prefix: String,
+    endpoint: String,
+    /// Where temporary files go.
+    spool: PathBuf,
+}
+
+/// Where a value comes from: the config, else an environment variable.
+fn setting(v: &Option<String>, env: &str) -> Option<String> {
+    v.clone()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var(env).ok().filter(|s| !s.is_empty()))
+}
+
+impl S3Storage {
+    /// The target for database `name` described by `p`; temporary files go to `spool`.
+    pub fn new(p: &S3Params, name: &str, spool: &Path) -> Result<S3Storage> {
+        let region_name = setting(&p.region, "AWS_REGION")
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            .unwrap_or_else(|| "us-east-1".into());
+        let (region, endpoint) = match &p.endpoint {
+            Some(e) if !e.is_empty() => (
+                Region::Custom {
+                    region: region_name.clone(),
+                    endpoint: e.trim_end_matches('/').to_string(),
+                },
+                e.clone(),
+            ),
+            _ => {
+                let r: Region = region_name
+                    .parse()
+                    .map_err(|e| anyhow!("invalid region \"{region_name}\": {e}"))?;
+                let ep = r.endpoint();
+                (r, ep)
+            }
+        };
+        let ak = setting(&p.access_key_id, "AWS_ACCESS_KEY_ID").ok_or_else(|| {
+            anyhow!(
+                "no access key for bucket {}: set params.access_key_id or AWS_ACCESS_KEY_ID",
+                p.bucket
+            )
+        })?;
+        let sk = setting(&p.secret_access_key, "AWS_SECRET_ACCESS_KEY").ok_or_else(|| {
+            anyhow!(
+                "no secret key for bucket {}: set params.secret_access_key or AWS_SECRET_ACCESS_KEY",
+                p.bucket
+            )
+        })?;
+        let creds = Credentials::new(Some(&ak), Some(&sk), None, None, None)
+            .map_err(|e| anyhow!("credentials: {e}"))?;
+        let mut bucket = Bucket::new(&p.bucket, region, creds)
+            .map_err(|e| anyhow!("bucket {} at {endpoint}: {e}", p.bucket))?;
+        if p.path_style.unwrap_or(p.endpoint.is_some()) {
+            bucket = bucket.with_path_style();
+        }
+        let root = p.root.trim_matches('/');
+        let prefix = if root.is_empty() {
+            name.to_string()
+        } else {
+            format!("{root}/{name}")
+        };
+        Ok(S3Storage {
+            bucket,
+            prefix,
+            endpoint,
+            spool: spool.to_path_buf(),
+        })
+    }
+
+    /// The target at `s3://bucket/prefix/NAME` (restore from a URL).
+    pub fn from_url(
+        bucket: &str,
+        key_prefix: &str,
+        endpoint: Option<String>,
+        spool: &Path,
+    ) -> Result<S3Storage> {
+        let (root, name) = match key_prefix.trim_matches('/').rsplit_once('/') {
+            Some((r, n)) => (r.to_string(), n.to_string()),
+            None => (String::new(), key_prefix.trim_matches('/').to_string()),
+        };
+        if name.is_empty() {
+            bail!("the URL names no database: expected s3://BUCKET/PREFIX/NAME");
+        }
+        let p = S3Params {
+            bucket: bucket.to_string(),
+            endpoint: endpoint.or_else(|| std::env::var("AWS_ENDPOINT_URL").ok()),
+            region: None,
+            root,
+            access_key_id: None,
+            secret_access_key: None,
+            path_style: None,
+        };
+        S3Storage::new(&p, &name, spool)
+    }
+
+    fn key(&self, meta: &FileMeta) -> String {
+        format!("{}/{}", self.prefix, meta.path())
+    }
+
+    fn what(&self) -> String {
+        format!("bucket {} at {}", self.bucket.name(), self.endpoint)
+    }
+
+    fn retry<T>(&self, doing: &str, f: impl FnMut() -> Result<T, S3Error>) -> Result<T> {
+        retry(&self.what(), doing, f)
+    }
+
+    fn temp_file(&self) -> Result<File> {
+        std::fs::create_dir_all(&self.spool)
+            .with_context(|| format!("creating {}", self.spool.display()))?;
+        tempfile::tempfile_in(&self.spool)
+            .with_context(|| format!("creating a temporary file in {}", self.spool.display()))
+    }
+}
+
+/// Runs `f` up to [`ATTEMPTS`] times with exponential backoff and jitter; errors that retrying
+/// cannot fix (access denied, no such bucket, a bad request) are returned at once.
+fn retry<T>(what: &str, doing: &str, mut f: impl FnMut() -> Result<T, S3Error>) -> Result<T> {
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1;
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let permanent = matches!(&e, S3Error::HttpFailWithBody(code, _)
+                    if (400..500).contains(code) && *code != 408 && *code != 429);
+                if permanent || attempt >= ATTEMPTS {
+                    return Err(anyhow!("{doing} ({what}): {}", explain(&e)));
+                }
+                let jitter = Duration::from_millis(
+                    u64::from(jitter_ms()) % (delay.as_millis() as u64 / 2 + 1),
+                );
+                tracing::debug!("{doing}: {} (attempt {attempt}); retrying", explain(&e));
+                std::thread::sleep(delay + jitter);
+                delay *= 2;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+fn jitter_ms() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_micros())
+        .unwrap_or(0)
+}
+
+/// An S3 error in a few words: the HTTP status and the S3 error code.
+fn explain(e: &S3Error) -> String {
+    match e {
+        S3Error::HttpFailWithBody(code, body) => {
+            let tag = |t: &str| {
+                let open = format!("<{t}>");
+                let close = format!("</{t}>");
+                body.split_once(&open)
+                    .and_then(|(_, r)| r.split_once(&close))
+                    .map(|(v, _)| v.to_string())
+            };
+            match (tag("Code"), tag("Message")) {
+                (Some(c), Some(m)) => format!("HTTP {code} {c}: {m}"),
+                (Some(c), None) => format!("HTTP {code} {c}"),
+                _ => format!("HTTP {code}"),
+            }
+        }
+        e => e.to_string(),
+    }
+}
+
+struct S3Writer {
+    bucket: Box<Bucket>,
+    what: String,
+    key: String,
+    file: File,
+}
+
+impl Write for S3Writer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ObjectWriter for S3Writer {
+    fn commit(self: Box<Self>) -> io::Result<()> {
+        let S3Writer {
+            bucket,
+            what,
+            key,
+            mut file,
+        } = *self;
+        retry(&what, &format!("uploading {key}"), || {
+            file.seek(SeekFrom::Start(0)).map_err(S3Error::Io)?;
+            let mut r = io::BufReader::with_capacity(1 << 20, &mut file);
+            bucket.put_object_stream(&mut r, &key).map(|_| ())
+        })
+        .map_err(io::Error::other)
+    }
+}
+
+impl Storage for S3Storage {
+    fn describe(&self) -> String {
+        format!(
+            "s3://{}/{} at {}",
+            self.bucket.name(),
+            self.prefix,
+            self.endpoint
+        )
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        // A listing first: a missing bucket is a 404 there (some stores create buckets on PUT).
+        self.retry("listing", || {
+            self.bucket
+                .list(format!("{}/", self.prefix), Some("/".into()))
+                .map(|_| ())
+        })
+        .with_context(|| {
+            format!(
+                "S3 target s3://{}/{} cannot be used",
+                self.bucket.name(),
+                self.prefix
+            )
+        })?;
+        let probe = format!("{}/.replited-probe", self.prefix);
+        self.retry("writing a probe object", || {
+            self.bucket.put_object(&probe, b"ok").map(|_| ())
+        })
+        .and_then(|_| {
+            self.retry("deleting the probe object", || {
+                self.bucket.delete_object(&probe).map(|_| ())
+            })
+        })
+        .with_context(|| {
+            format!(
+                "S3 target s3://{}/{} is not writable",
+                self.bucket.name(),
+                self.prefix
+            )
+        })?;
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<FileMeta>> {
+        let pages = self.retry("listing", || {
+            self.bucket.list(format!("{}/", self.prefix), None)
+        })?;
+        let strip = format!("{}/", self.prefix);
+        Ok(pages
+            .iter()
+            .flat_map(|p| p.contents.iter())
+            .filter_map(|o| o.key.strip_prefix(&strip))
+            .filter_map(FileMeta::parse_path)
+            .collect())
+    }
+
+    fn create(&self, meta: &FileMeta) -> Result<Box<dyn ObjectWriter>> {
+        Ok(Box::new(S3Writer {
+            bucket: self.bucket.clone(),
+            what: self.what(),
+            key: self.key(meta),
+            file: self.temp_file()?,
+        }))
+    }
+
+    fn open(&self, meta: &FileMeta) -> Result<Box<dyn Read + Send>> {
+        let key = self.key(meta);
+        let mut file = self.temp_file()?;
+        self.retry(&format!("downloading {key}"), || {
+            file.set_len(0).map_err(S3Error::Io)?;
+            file.seek(SeekFrom::Start(0)).map_err(S3Error::Io)?;
+            self.bucket
+                .get_object_to_writer(&key, &mut file)
+                .map(|_| ())
+        })?;
+        file.seek(SeekFrom::Start(0))?;
+        Ok(Box::new(io::BufReader::with_capacity(1 << 20, file)))
+    }
+
+    fn delete(&self, metas: &[FileMeta]) -> Result<()> {
+        for m in metas {
+            let key = self.key(m);
+            match self.retry(&format!("deleting {key}"), || {
+                self.bucket.delete_object(&key).map(|_| ())
+            }) {
+                Ok(()) => {}
+                Err(e) if e.to_string().contains("HTTP 404") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn locate(&self, meta: &FileMeta) -> String {
+        format!("s3://{}/{}", self.bucket.name(), self.key(meta))
+    }
+}

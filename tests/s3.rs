@@ -125,3 +125,62 @@ fn wrong_credentials_and_missing_bucket_are_named() {
     assert!(err.contains("NoSuchBucket"), "{err}");
     assert!(s.keys(BUCKET).is_empty());
 }
+
+/// The S3 server stopped for 30 s during a load: capture and the local directory target go on,
+/// the files wait in the spool, the backlog drains once S3 is back, and a restore from the
+/// bucket alone equals the primary.
+#[test]
+fn s3_outage_during_a_load_loses_nothing() {
+    let mut s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let w = World::new("");
+    configure(&w, &s3_target(&s, BUCKET, &s.secret_key), true);
+    let d = w.start("auto");
+    run_load(&w.db, 1, 300);
+    s.stop();
+    let load = spawn_load(&w.db, 301, 3300, &["--rate", "100"]);
+    // The local directory keeps up while S3 is down.
+    let before = w.stored_files().len();
+    std::thread::sleep(Duration::from_secs(15));
+    let during = w.stored_files().len();
+    assert!(
+        during > before,
+        "the fs target stalled while S3 was down ({before} -> {during} files)\n{}",
+        d.log_text()
+    );
+    d.wait_for_log(
+        "retrying with backoff while files wait in the spool",
+        Duration::from_secs(5),
+    );
+    std::thread::sleep(Duration::from_secs(15));
+    s.restart();
+    wait_ok(load);
+    d.wait_for_log("answers again", Duration::from_secs(60));
+    let log = d.stop();
+    assert!(
+        !log.contains("stay in the spool"),
+        "the backlog drained:\n{log}"
+    );
+    let spool = w.dir.path().join(".data.db-replited-spool");
+    let left: Vec<_> = walk(&spool);
+    assert!(left.is_empty(), "files left in the spool: {left:?}");
+    let out = w.path("from-s3.db");
+    restore_from_url(&s, &w, &out);
+    assert_eq!(integrity(&out), "ok");
+    assert_eq!(state(&out), state(&w.db));
+    assert_eq!(state(&out), expect(3300));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}

@@ -232,6 +232,13 @@ pub struct S3Params {
     /// (MinIO, Garage, s3s), off for AWS.
     #[serde(default, alias = "path_style", alias = "force-path-style")]
     pub path_style: Option<bool>,
+    /// Where files wait for upload (default: `.NAME-replited-spool/TARGET` beside the
+    /// database).
+    #[serde(default, alias = "spool_dir")]
+    pub spool_dir: Option<PathBuf>,
+    /// How many MB may wait for upload before capture is held back (default 1024).
+    #[serde(default, alias = "spool_limit_mb")]
+    pub spool_limit_mb: Option<u64>,
 }
 
 /// `type = "stream"`. Which keys are needed depends on the role: the primary's stream server

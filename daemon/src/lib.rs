@@ -14,6 +14,7 @@ pub mod s3;
 pub mod server;
 pub mod shutdown;
 pub mod sidecar;
+pub mod spool;
 pub mod sqlite;
 pub mod storage;
 pub mod transport;

@@ -48,6 +48,7 @@ use crate::reader::{decode_file, read_header};
 use crate::s3::S3Storage;
 use crate::server::Hub;
 use crate::shutdown::Shutdown;
+use crate::spool::SpoolStorage;
 use crate::sqlite;
 use crate::storage::{parent_dir, FsStorage, ObjectWriter, Storage};
 use crate::walfile::{self, Resolved, WalFile};
@@ -68,18 +69,42 @@ pub struct Target {
     pub storage: Box<dyn Storage>,
 }
 
-/// Builds the storage targets of a database from its config (a stream server is not one).
+/// Builds the storage targets of a database from its config (a stream server is not one), for
+/// reading and checking them.
 pub fn targets(cfg: &DbConfig) -> Result<Vec<Target>> {
+    build_targets(cfg, false)
+}
+
+/// The targets capture writes to: remote ones (S3) behind a local spool, so a failing store
+/// never holds capture or the other targets back.
+fn capture_targets(cfg: &DbConfig) -> Result<Vec<Target>> {
+    build_targets(cfg, true)
+}
+
+fn build_targets(cfg: &DbConfig, spool: bool) -> Result<Vec<Target>> {
     let name = db_name(&cfg.db);
     let mut out = Vec::new();
     for r in &cfg.replicate {
         let storage = match &r.params {
             TargetParams::Fs(p) => Box::new(FsStorage::new(&p.root, &name)) as Box<dyn Storage>,
             // Temporary files (unnamed) go beside the database.
-            TargetParams::S3(p) => Box::new(
-                S3Storage::new(p, &name, parent_dir(&cfg.db))
-                    .with_context(|| format!("replicate \"{}\"", r.name))?,
-            ),
+            TargetParams::S3(p) => {
+                let s3 = S3Storage::new(p, &name, parent_dir(&cfg.db))
+                    .with_context(|| format!("replicate \"{}\"", r.name))?;
+                if spool {
+                    let dir = p.spool_dir.clone().unwrap_or_else(|| {
+                        parent_dir(&cfg.db)
+                            .join(format!(".{name}-replited-spool"))
+                            .join(&r.name)
+                    });
+                    let limit = p
+                        .spool_limit_mb
+                        .map_or(crate::spool::DEFAULT_LIMIT, |mb| mb << 20);
+                    Box::new(SpoolStorage::new(Box::new(s3), dir, limit)?) as Box<dyn Storage>
+                } else {
+                    Box::new(s3)
+                }
+            }
             TargetParams::Stream(_) => continue,
         };
         out.push(Target {
@@ -210,7 +235,7 @@ impl Replicator {
         let mut wal_name = db_path.file_name().expect("validated").to_os_string();
         wal_name.push("-wal");
         let wal_path = db_path.with_file_name(&wal_name);
-        let targets = targets(&cfg)?;
+        let targets = capture_targets(&cfg)?;
         let writer = sqlite::open_locker(&db_path)?;
         sqlite::ensure_wal(&writer, &db_path)?;
         let ckpt = sqlite::open(&db_path, cfg.busy_timeout)?;

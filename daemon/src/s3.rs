@@ -120,6 +120,8 @@ impl S3Storage {
             access_key_id: None,
             secret_access_key: None,
             path_style: None,
+            spool_dir: None,
+            spool_limit_mb: None,
         };
         S3Storage::new(&p, &name, spool)
     }
@@ -329,5 +331,15 @@ impl Storage for S3Storage {
 
     fn locate(&self, meta: &FileMeta) -> String {
         format!("s3://{}/{}", self.bucket.name(), self.key(meta))
+    }
+
+    fn put_file(&self, meta: &FileMeta, file: &mut File) -> Result<()> {
+        let key = self.key(meta);
+        let start = file.stream_position()?;
+        self.retry(&format!("uploading {key}"), || {
+            file.seek(SeekFrom::Start(start)).map_err(S3Error::Io)?;
+            let mut r = io::BufReader::with_capacity(1 << 20, &mut *file);
+            self.bucket.put_object_stream(&mut r, &key).map(|_| ())
+        })
     }
 }

@@ -35,6 +35,15 @@ pub trait Storage: Send + Sync {
     /// Where a file lives, for messages.
     fn locate(&self, meta: &FileMeta) -> String;
 
+    /// Stores a whole local file (read from its current position) atomically and durably.
+    fn put_file(&self, meta: &FileMeta, file: &mut File) -> Result<()> {
+        let mut w = self.create(meta)?;
+        io::copy(file, &mut w)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| w.commit().map_err(anyhow::Error::from))
+            .with_context(|| format!("writing {}", self.locate(meta)))
+    }
+
     /// Writes a whole file atomically and durably.
     fn put(&self, meta: &FileMeta, data: &[u8]) -> Result<()> {
         let mut w = self.create(meta)?;

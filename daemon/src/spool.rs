@@ -1,0 +1,415 @@
+//! A local spool in front of a remote target (S3), so a slow or failing store never stalls
+//! capture or the other targets.
+//!
+//! `commit` makes a file durable in the spool directory (fdatasync, rename, directory fsync) and
+//! queues it; an upload thread sends queued files to the remote target in order, one at a time,
+//! retrying with exponential backoff and jitter (100 ms doubling to 30 s) while it fails, and
+//! removes each spooled file once its upload is complete. Deletions (compaction, retention) are
+//! queued behind the uploads, so they never fail because the store is down either.
+//!
+//! The spool is bounded ([`SpoolStorage::limit`] bytes): past it, `create` fails with an error
+//! that says how much waits and since when the store has been failing — capture then retries
+//! with backoff, as for any failing target. Files left in the spool by a previous run (a crash,
+//! or a stop while the store was down) are queued again at start.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use replited_core::name::FileMeta;
+
+use crate::storage::{sync_dir, ObjectWriter, Storage};
+
+/// Default bound on the bytes waiting in a spool.
+pub const DEFAULT_LIMIT: u64 = 1 << 30;
+
+enum Job {
+    Upload(FileMeta, u64),
+    Delete(Vec<FileMeta>),
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    bytes: u64,
+    /// Since when the remote target has been failing, and why.
+    failing: Option<(Instant, String)>,
+    stop: bool,
+    /// The upload in progress (its spool file must stay until it ends).
+    busy: Option<FileMeta>,
+}
+
+struct Shared {
+    q: Mutex<Queue>,
+    cv: Condvar,
+}
+
+/// A remote target behind a local spool directory.
+pub struct SpoolStorage {
+    inner: Arc<dyn Storage>,
+    dir: PathBuf,
+    limit: u64,
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SpoolStorage {
+    /// Spools for `inner` in `dir` (created if needed), at most `limit` bytes waiting; files
+    /// left there by an earlier run are queued first.
+    pub fn new(inner: Box<dyn Storage>, dir: PathBuf, limit: u64) -> Result<SpoolStorage> {
+        fs::create_dir_all(&dir)
+            .with_context(|| format!("creating the spool {}", dir.display()))?;
+        let s = SpoolStorage::start(inner, dir, limit);
+        s.recover()?;
+        Ok(s)
+    }
+
+    fn start(inner: Box<dyn Storage>, dir: PathBuf, limit: u64) -> SpoolStorage {
+        let inner: Arc<dyn Storage> = Arc::from(inner);
+        let shared = Arc::new(Shared {
+            q: Mutex::new(Queue::default()),
+            cv: Condvar::new(),
+        });
+        let thread = {
+            let (inner, shared, dir) = (inner.clone(), shared.clone(), dir.clone());
+            std::thread::Builder::new()
+                .name("upload".into())
+                .spawn(move || upload_loop(&*inner, &shared, &dir))
+                .ok()
+        };
+        SpoolStorage {
+            inner,
+            dir,
+            limit,
+            shared,
+            thread,
+        }
+    }
+
+    fn path(&self, meta: &FileMeta) -> PathBuf {
+        self.dir.join(meta.path())
+    }
+
+    /// Bytes waiting for upload.
+    pub fn waiting(&self) -> u64 {
+        self.shared.q.lock().expect("spool lock").bytes
+    }
+
+    /// Files left in the spool directory: queued again, oldest first.
+    fn recover(&self) -> Result<()> {
+        let mut found = Vec::new();
+        let Ok(gens) = fs::read_dir(&self.dir) else {
+            return Ok(());
+        };
+        for g in gens.flatten() {
+            if !g.path().is_dir() {
+                continue;
+            }
+            let gname = g.file_name().to_string_lossy().into_owned();
+            for f in fs::read_dir(g.path())?.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".tmp") {
+                    let _ = fs::remove_file(f.path());
+                    continue;
+                }
+                if let Some(m) = FileMeta::parse_path(&format!("{gname}/{name}")) {
+                    found.push((m, f.metadata()?.len()));
+                }
+            }
+        }
+        found.sort_by_key(|(m, _)| (m.generation, m.first_txid, m.level, m.last_txid));
+        if !found.is_empty() {
+            tracing::info!(
+                files = found.len(),
+                "{}: queueing files left in the spool {} by an earlier run",
+                self.inner.describe(),
+                self.dir.display()
+            );
+        }
+        let mut q = self.shared.q.lock().expect("spool lock");
+        for (m, len) in found {
+            q.bytes += len;
+            q.jobs.push_back(Job::Upload(m, len));
+        }
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+
+    fn spooled(&self) -> Vec<FileMeta> {
+        let q = self.shared.q.lock().expect("spool lock");
+        q.jobs
+            .iter()
+            .filter_map(|j| match j {
+                Job::Upload(m, _) => Some(*m),
+                Job::Delete(_) => None,
+            })
+            .chain(q.busy)
+            .collect()
+    }
+}
+
+/// How long a stopping spool keeps uploading what waits (while the store answers).
+const DRAIN: Duration = Duration::from_secs(10);
+
+impl Drop for SpoolStorage {
+    fn drop(&mut self) {
+        {
+            let deadline = Instant::now() + DRAIN;
+            let mut q = self.shared.q.lock().expect("spool lock");
+            while (!q.jobs.is_empty() || q.busy.is_some())
+                && q.failing.is_none()
+                && Instant::now() < deadline
+            {
+                q = self
+                    .shared
+                    .cv
+                    .wait_timeout(q, Duration::from_millis(100))
+                    .expect("spool lock")
+                    .0;
+            }
+            if q.bytes > 0 {
+                tracing::warn!(
+                    "{}: {} bytes stay in the spool {}; they are uploaded at the next start",
+                    self.inner.describe(),
+                    q.bytes,
+                    self.dir.display()
+                );
+            }
+            q.stop = true;
+            self.shared.cv.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn upload_loop(inner: &dyn Storage, shared: &Shared, dir: &Path) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let job = {
+            let mut q = shared.q.lock().expect("spool lock");
+            loop {
+                if q.stop {
+                    return;
+                }
+                if let Some(j) = q.jobs.pop_front() {
+                    if let Job::Upload(m, _) = &j {
+                        q.busy = Some(*m);
+                    }
+                    break j;
+                }
+                q = shared.cv.wait(q).expect("spool lock");
+            }
+        };
+        let r = match &job {
+            Job::Upload(m, _) => {
+                let p = dir.join(m.path());
+                File::open(&p)
+                    .with_context(|| format!("opening {}", p.display()))
+                    .and_then(|mut f| inner.put_file(m, &mut f))
+            }
+            Job::Delete(ms) => inner.delete(ms),
+        };
+        let mut q = shared.q.lock().expect("spool lock");
+        q.busy = None;
+        shared.cv.notify_all();
+        match r {
+            Ok(()) => {
+                if let Some((since, _)) = q.failing.take() {
+                    tracing::info!(
+                        "{} answers again after {:.0?}; {} bytes still wait in the spool",
+                        inner.describe(),
+                        since.elapsed(),
+                        q.bytes
+                    );
+                }
+                delay = Duration::from_millis(100);
+                if let Job::Upload(m, len) = job {
+                    q.bytes -= len;
+                    drop(q);
+                    let p = dir.join(m.path());
+                    let _ = fs::remove_file(&p);
+                    if let Some(d) = p.parent() {
+                        let _ = fs::remove_dir(d);
+                    }
+                }
+            }
+            Err(e) => {
+                if q.failing.is_none() {
+                    tracing::warn!(
+                        "{}: {e:#}; retrying with backoff while files wait in the spool {} (capture goes on)",
+                        inner.describe(),
+                        dir.display()
+                    );
+                    q.failing = Some((Instant::now(), format!("{e:#}")));
+                } else {
+                    tracing::debug!("{}: {e:#}", inner.describe());
+                }
+                // Back at the head of the queue, in order.
+                q.jobs.push_front(job);
+                let jitter = Duration::from_micros(
+                    u64::from(std::process::id()).wrapping_mul(now_micros())
+                        % (delay.as_micros() as u64 / 2 + 1),
+                );
+                let wait = delay + jitter;
+                delay = (delay * 2).min(Duration::from_secs(30));
+                let _ = shared.cv.wait_timeout_while(q, wait, |q| !q.stop);
+            }
+        }
+    }
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(1)
+}
+
+struct SpoolWriter {
+    file: File,
+    tmp: PathBuf,
+    dst: PathBuf,
+    meta: FileMeta,
+    shared: Arc<Shared>,
+}
+
+impl Write for SpoolWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ObjectWriter for SpoolWriter {
+    fn commit(self: Box<Self>) -> io::Result<()> {
+        self.file.sync_data()?;
+        let len = self.file.metadata()?.len();
+        fs::rename(&self.tmp, &self.dst)?;
+        sync_dir(self.dst.parent().expect("spool path has a parent"))?;
+        let mut q = self.shared.q.lock().expect("spool lock");
+        q.bytes += len;
+        q.jobs.push_back(Job::Upload(self.meta, len));
+        self.shared.cv.notify_all();
+        Ok(())
+    }
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+impl Storage for SpoolStorage {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        self.inner.check_writable()
+    }
+
+    fn list(&self) -> Result<Vec<FileMeta>> {
+        let mut all = self.inner.list()?;
+        all.extend(self.spooled());
+        all.sort_by_key(|m| {
+            (
+                m.generation,
+                m.first_txid,
+                m.last_txid,
+                m.level,
+                m.kind as u8,
+            )
+        });
+        all.dedup();
+        Ok(all)
+    }
+
+    fn create(&self, meta: &FileMeta) -> Result<Box<dyn ObjectWriter>> {
+        {
+            let q = self.shared.q.lock().expect("spool lock");
+            if q.bytes >= self.limit {
+                let why = q
+                    .failing
+                    .as_ref()
+                    .map(|(since, e)| {
+                        format!(": it has been failing for {:.0?} ({e})", since.elapsed())
+                    })
+                    .unwrap_or_default();
+                bail!(
+                    "{}: {} MB wait for upload in the spool {}, at its limit of {} MB{why}",
+                    self.inner.describe(),
+                    q.bytes >> 20,
+                    self.dir.display(),
+                    self.limit >> 20
+                );
+            }
+        }
+        let dst = self.path(meta);
+        let parent = dst.parent().expect("spool path has a parent");
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let tmp = dst.with_extension("tmp");
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        Ok(Box::new(SpoolWriter {
+            file,
+            tmp,
+            dst,
+            meta: *meta,
+            shared: self.shared.clone(),
+        }))
+    }
+
+    fn open(&self, meta: &FileMeta) -> Result<Box<dyn Read + Send>> {
+        match File::open(self.path(meta)) {
+            Ok(f) => Ok(Box::new(io::BufReader::with_capacity(1 << 20, f))),
+            Err(_) => self.inner.open(meta),
+        }
+    }
+
+    fn delete(&self, metas: &[FileMeta]) -> Result<()> {
+        let mut q = self.shared.q.lock().expect("spool lock");
+        // Files still waiting are simply dropped; the rest are deleted remotely, in order
+        // behind the uploads (the one being uploaded included).
+        let mut remote = Vec::new();
+        for m in metas {
+            let pos = q
+                .jobs
+                .iter()
+                .position(|j| matches!(j, Job::Upload(x, _) if x == m));
+            match pos {
+                Some(i) => {
+                    if let Some(Job::Upload(_, len)) = q.jobs.remove(i) {
+                        q.bytes -= len;
+                    }
+                    let _ = fs::remove_file(self.path(m));
+                }
+                None => remote.push(*m),
+            }
+        }
+        if !remote.is_empty() {
+            q.jobs.push_back(Job::Delete(remote));
+            self.shared.cv.notify_all();
+        }
+        Ok(())
+    }
+
+    fn locate(&self, meta: &FileMeta) -> String {
+        self.inner.locate(meta)
+    }
+}

@@ -184,3 +184,90 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Peak resident memory of a running process (VmHWM), in MB.
+fn peak_rss_mb(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+/// A 1 GB database: its snapshot goes to S3 and comes back by restore, with replited's memory
+/// (peak RSS) under 100 MB both ways.
+#[test]
+fn one_gigabyte_snapshot_with_bounded_memory() {
+    const LIMIT_MB: u64 = 100;
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let w = World::new("");
+    configure(&w, &s3_target(&s, BUCKET, &s.secret_key), false);
+    let fill = Command::new("python3")
+        .arg(load_py())
+        .args(["fill", w.db.to_str().unwrap(), "1024"])
+        .status()
+        .unwrap();
+    assert!(fill.success());
+    assert!(fs::metadata(&w.db).unwrap().len() > 1_000_000_000);
+    let d = w.start("auto");
+    // Wait until the snapshot is in the bucket and nothing waits in the spool.
+    let spool = w.dir.path().join(".data.db-replited-spool");
+    let start = std::time::Instant::now();
+    loop {
+        let uploaded = s.keys(BUCKET).iter().any(|k| k.ends_with(".snap"));
+        if uploaded && walk(&spool).is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "the snapshot was not uploaded:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let up = start.elapsed();
+    let rss = peak_rss_mb(d.child.id());
+    d.stop();
+    assert!(rss > 0 && rss < LIMIT_MB, "replicate peaked at {rss} MB");
+    // Restore from the bucket, watching the restore's own peak.
+    let out = w.path("restored.db");
+    let t = std::time::Instant::now();
+    let mut child = Command::new(bin())
+        .args([
+            "restore",
+            &format!("s3://{BUCKET}/backups/data.db"),
+            "-o",
+            out.to_str().unwrap(),
+            "--endpoint",
+            &s.endpoint,
+        ])
+        .env("AWS_ACCESS_KEY_ID", &s.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &s.secret_key)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut restore_rss = 0;
+    while child.try_wait().unwrap().is_none() {
+        restore_rss = restore_rss.max(peak_rss_mb(child.id()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    eprintln!(
+        "1 GB snapshot: upload {:.1}s, replicate peak {rss} MB; restore {:.1}s, peak {restore_rss} MB",
+        up.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        restore_rss > 0 && restore_rss < LIMIT_MB,
+        "restore peaked at {restore_rss} MB"
+    );
+    assert_eq!(
+        fs::metadata(&out).unwrap().len(),
+        fs::metadata(&w.db).unwrap().len()
+    );
+    assert_eq!(state(&out), state(&w.db));
+}

@@ -271,3 +271,61 @@ fn one_gigabyte_snapshot_with_bounded_memory() {
     );
     assert_eq!(state(&out), state(&w.db));
 }
+
+/// A replica with no connection to the primary: `replica-sidecar` with only an S3 target
+/// restores the latest backup from the bucket, then follows it, and converges to the primary
+/// across compactions of the files it reads.
+#[test]
+fn replica_follows_the_bucket_alone() {
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let w = World::new("compaction-interval = \"2s\"");
+    configure(&w, &s3_target(&s, BUCKET, &s.secret_key), false);
+    let d = w.start("auto");
+    run_load(&w.db, 1, 200);
+    let rdir = w.path("replica");
+    fs::create_dir_all(&rdir).unwrap();
+    let rdb = rdir.join("data.db");
+    let rcfg = w.path("replica.toml");
+    fs::write(
+        &rcfg,
+        format!(
+            "[log]\nlevel = \"debug\"\n[[database]]\ndb = \"{}\"\n{}",
+            rdb.display(),
+            s3_target(&s, BUCKET, &s.secret_key)
+        ),
+    )
+    .unwrap();
+    let log = w.path("replica.log");
+    let child = Command::new(bin())
+        .args(["-c", rcfg.to_str().unwrap(), "replica-sidecar"])
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let r = Daemon { child, log };
+    r.wait_for_log("caught up with the bucket", Duration::from_secs(60));
+    let load = spawn_load(&w.db, 201, 1700, &["--rate", "150"]);
+    wait_ok(load);
+    let want = state(&w.db);
+    let start = std::time::Instant::now();
+    while !(rdb.exists() && state(&rdb) == want) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the bucket replica did not converge: {:?} vs {want:?}\n{}",
+            state(&rdb),
+            r.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(integrity(&rdb), "ok");
+    let rlog = r.stop();
+    assert!(
+        rlog.contains("restoring the latest backup from the bucket"),
+        "{rlog}"
+    );
+    assert!(
+        !rlog.contains("must be rebuilt"),
+        "no rebuild while following:\n{rlog}"
+    );
+    d.stop();
+}

@@ -126,6 +126,40 @@ impl S3Storage {
         S3Storage::new(&p, &name, spool)
     }
 
+    /// The files whose keys sort after `after`'s (every file when None): one LIST request per
+    /// 1,000 keys returned, so a poll that finds nothing new costs one request.
+    pub fn list_after(&self, after: Option<&FileMeta>) -> Result<Vec<FileMeta>> {
+        let strip = format!("{}/", self.prefix);
+        let mut out = Vec::new();
+        let mut token = None;
+        let start_after = after.map(|m| self.key(m));
+        loop {
+            let (page, _) = self.retry("listing", || {
+                self.bucket.list_page(
+                    strip.clone(),
+                    None,
+                    token.clone(),
+                    if token.is_none() {
+                        start_after.clone()
+                    } else {
+                        None
+                    },
+                    None,
+                )
+            })?;
+            out.extend(
+                page.contents
+                    .iter()
+                    .filter_map(|o| o.key.strip_prefix(&strip))
+                    .filter_map(FileMeta::parse_path),
+            );
+            match (page.is_truncated, page.next_continuation_token) {
+                (true, Some(t)) => token = Some(t),
+                _ => return Ok(out),
+            }
+        }
+    }
+
     fn key(&self, meta: &FileMeta) -> String {
         format!("{}/{}", self.prefix, meta.path())
     }
@@ -233,6 +267,24 @@ impl ObjectWriter for S3Writer {
             bucket.put_object_stream(&mut r, &key).map(|_| ())
         })
         .map_err(io::Error::other)
+    }
+}
+
+impl S3Storage {
+    /// Proves the bucket can be listed (a replica following it only reads).
+    pub fn check_readable(&self) -> Result<()> {
+        self.retry("listing", || {
+            self.bucket
+                .list(format!("{}/", self.prefix), Some("/".into()))
+                .map(|_| ())
+        })
+        .with_context(|| {
+            format!(
+                "S3 target s3://{}/{} cannot be used",
+                self.bucket.name(),
+                self.prefix
+            )
+        })
     }
 }
 

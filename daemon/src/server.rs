@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use replited_core::format::{Event, Kind};
+use replited_core::name::FileMeta;
 use replited_core::pos::Pos;
 use replited_core::primary::{PrimaryConfig, PrimaryEvent, PrimarySession};
 use replited_core::proto::{Message, Txn, TxnInfo};
@@ -263,16 +264,26 @@ pub fn parse_restore_config(bytes: &[u8]) -> Result<PathBuf> {
 /// Reads the transactions after `after` back from one storage target: the chain of segments
 /// (largest first) that continues from `after`, up to [`HISTORY_BATCH_BYTES`].
 fn read_history(storage: &dyn Storage, after: Pos) -> Result<Vec<Txn>> {
-    let mut files: Vec<_> = storage
-        .list()?
-        .into_iter()
+    read_history_in(storage, &storage.list()?, after, HISTORY_BATCH_BYTES)
+}
+
+/// Like [`read_history`], from the files `all` (a listing of `storage`), up to `max_bytes`.
+pub fn read_history_in(
+    storage: &dyn Storage,
+    all: &[FileMeta],
+    after: Pos,
+    max_bytes: usize,
+) -> Result<Vec<Txn>> {
+    let mut files: Vec<FileMeta> = all
+        .iter()
         .filter(|m| m.kind == Kind::Segment && m.generation == after.generation)
+        .copied()
         .collect();
     files.sort_by_key(|m| (m.first_txid, std::cmp::Reverse(m.last_txid)));
     let mut out: Vec<Txn> = Vec::new();
     let mut bytes = 0usize;
     let mut next = after.txid + 1;
-    while bytes < HISTORY_BATCH_BYTES {
+    while bytes < max_bytes {
         // The file that holds `next` and reaches furthest.
         let Some(m) = files
             .iter()

@@ -35,13 +35,15 @@ use replited_core::replica::{Applied, Replica, ReplicaConfig, ReplicaEvent, Repl
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::apply::{checkpoint_loop, stamp_of, Applier, ApplyError, Page1Stamp};
-use crate::config::{db_name, Config, DbConfig, StreamParams};
+use crate::config::{db_name, Config, StreamParams};
 use crate::replicate::now_ms;
 use crate::restore::{install, remove_db_files, restore, temp_path, RestoreOptions};
-use crate::server::parse_restore_config;
+use crate::s3::S3Storage;
+use crate::server::{parse_restore_config, read_history_in};
 use crate::shutdown::Shutdown;
-use crate::storage::FsStorage;
+use crate::storage::{FsStorage, Storage};
 use crate::transport::{self, ClientTls, FramedStream};
+use replited_core::name::FileMeta;
 
 /// Options of `replica-sidecar`.
 #[derive(Clone, Debug, Default)]
@@ -97,22 +99,9 @@ pub fn client_tls(name: &str, p: &StreamParams) -> Result<ClientTls> {
 
 /// Runs `replica-sidecar` until SIGTERM/SIGINT.
 pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
-    let dbs: Vec<DbConfig> = cfg
-        .databases
-        .iter()
-        .filter(|d| d.stream().is_some())
-        .cloned()
-        .collect();
-    if dbs.is_empty() {
-        bail!(
-            "{}: no [[database]] has a replicate target with type = \"stream\" naming the primary to follow",
-            cfg.path.display()
-        );
-    }
     let mut plans = Vec::new();
-    for d in &dbs {
-        let (name, p) = d.stream().expect("filtered");
-        let tls = client_tls(name, p).with_context(|| cfg.path.display().to_string())?;
+    let mut buckets = Vec::new();
+    for d in &cfg.databases {
         let dir = crate::storage::parent_dir(&d.db);
         if !dir.is_dir() {
             bail!(
@@ -122,7 +111,26 @@ pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
                 dir.display()
             );
         }
-        plans.push((d.clone(), p.addr.clone(), tls));
+        if let Some((name, p)) = d.stream() {
+            let tls = client_tls(name, p).with_context(|| cfg.path.display().to_string())?;
+            plans.push((d.clone(), p.addr.clone(), tls));
+        } else if let Some((name, p)) = d.replicate.iter().find_map(|t| match &t.params {
+            crate::config::TargetParams::S3(p) => Some((t.name.as_str(), p)),
+            _ => None,
+        }) {
+            // No primary to follow: the bucket alone.
+            let s3 = S3Storage::new(p, &db_name(&d.db), dir)
+                .with_context(|| format!("{}: replicate \"{name}\"", cfg.path.display()))?;
+            s3.check_readable()
+                .with_context(|| format!("{}: replicate \"{name}\"", cfg.path.display()))?;
+            buckets.push((d.clone(), s3));
+        }
+    }
+    if plans.is_empty() && buckets.is_empty() {
+        bail!(
+            "{}: no [[database]] has a replicate target with type = \"stream\" naming the primary to follow (or type = \"s3\" to follow a bucket)",
+            cfg.path.display()
+        );
     }
     let shutdown = Shutdown::install()?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -146,8 +154,20 @@ pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         let (sup_tx, sup_rx) = mpsc::unbounded_channel();
-        let n = plans.len();
+        let n = plans.len() + buckets.len();
         let mut tasks = Vec::new();
+        for (i, (d, s3)) in buckets.into_iter().enumerate() {
+            let f = BucketFollower {
+                index: plans.len() + i,
+                db: d.db.clone(),
+                busy: d.busy_timeout,
+                storage: s3,
+                force_restore: opts.force_restore,
+                sup: sup_tx.clone(),
+                stop: stop_rx.clone(),
+            };
+            tasks.push(tokio::task::spawn_blocking(move || f.run()));
+        }
         for (i, (d, addr, tls)) in plans.into_iter().enumerate() {
             let f = Follower {
                 index: i,
@@ -989,5 +1009,248 @@ impl PositionFile {
         let cur = entry(9);
         let prev = (b[8] == 1).then(|| entry(9 + ENTRY_LEN));
         Ok(Some((cur, prev)))
+    }
+}
+
+/// How often a replica following a bucket looks for new files (one LIST request when nothing is
+/// new).
+const BUCKET_POLL: Duration = Duration::from_secs(1);
+
+/// A replica following a database through its bucket alone (no connection to the primary):
+/// it restores the latest backup, then polls for files written after the last one it saw and
+/// applies their transactions, each as one SQLite transaction, as a streamed replica does.
+struct BucketFollower {
+    index: usize,
+    db: PathBuf,
+    busy: Duration,
+    storage: S3Storage,
+    force_restore: bool,
+    sup: mpsc::UnboundedSender<SupMsg>,
+    stop: watch::Receiver<bool>,
+}
+
+impl BucketFollower {
+    fn run(self) -> Result<()> {
+        let r = self.run_inner();
+        let _ = self.sup.send(SupMsg::Done(
+            self.index,
+            r.as_ref()
+                .err()
+                .map(|e| format!("{}: {e:#}", self.db.display())),
+        ));
+        r
+    }
+
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    fn stop_app(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.sup.send(SupMsg::Stop(self.index, tx)).is_ok() {
+            let _ = rx.blocking_recv();
+        }
+    }
+
+    /// Restores the latest backup in the bucket over the database.
+    fn rebuild(&self, local: &mut Local, why: &str) -> Result<Applied> {
+        tracing::warn!(db = %self.db.display(), "the replica must be rebuilt: {why}");
+        self.restore_latest(local)
+    }
+
+    fn restore_latest(&self, local: &mut Local) -> Result<Applied> {
+        self.stop_app();
+        local.applier = None;
+        let r = restore(
+            &[&self.storage],
+            &RestoreOptions {
+                target: replited_core::plan::Target::Latest,
+                output: self.db.clone(),
+                force: true,
+                if_db_not_exists: false,
+                if_replica_exists: false,
+            },
+        )?
+        .ok_or_else(|| anyhow!("nothing was restored"))?;
+        let a = Applier::open(&self.db, self.busy)?;
+        let e = Entry {
+            generation: r.generation,
+            txid: r.txid,
+            checksum: a.checksum(),
+            stamp: a.stamp(),
+        };
+        local.position.write(&e, None)?;
+        Ok(local.adopt(a, &e))
+    }
+
+    fn run_inner(&self) -> Result<()> {
+        let mut local = Local {
+            file_lock: Arc::new(tokio::sync::Mutex::new(())),
+            db: self.db.clone(),
+            busy: self.busy,
+            applier: None,
+            position: PositionFile::open(&self.db)?,
+            snapshot: None,
+            schema_cookie: None,
+        };
+        tracing::info!(db = %self.db.display(), "following {} (no primary connection)", self.storage.describe());
+        let mut applied = if self.force_restore || !self.db.exists() {
+            tracing::info!(db = %self.db.display(), "restoring the latest backup from the bucket");
+            self.restore_latest(&mut local)?
+        } else {
+            match local.resume() {
+                Ok(a) => {
+                    tracing::info!(db = %self.db.display(), txid = a.pos.txid, "resuming at txid {} without a restore", a.pos.txid);
+                    a
+                }
+                Err(e) => self.rebuild(&mut local, &format!("cannot resume ({e:#})"))?,
+            }
+        };
+        let mut files = self.storage.list()?;
+        let mut said = false;
+        let mut failing = false;
+        loop {
+            // Local writes, then what is new in the bucket.
+            if let Some(a) = local.applier.as_mut() {
+                if a.local_write_detected().unwrap_or(false) {
+                    applied = self.rebuild(&mut local, "local write detected on the replica")?;
+                    files = self.storage.list()?;
+                }
+            }
+            let last = files.iter().max_by_key(|m| m.path()).copied();
+            match self.storage.list_after(last.as_ref()) {
+                Ok(new) => {
+                    if failing {
+                        tracing::info!(db = %self.db.display(), "{} answers again", self.storage.describe());
+                        failing = false;
+                    }
+                    files.extend(new);
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(db = %self.db.display(), "{e:#}; retrying (reads go on)");
+                        failing = true;
+                    }
+                }
+            }
+            if !failing {
+                let newest_gen = files.iter().map(|m| m.generation).max().unwrap_or(0);
+                if newest_gen > applied.pos.generation
+                    && files.iter().any(|m| {
+                        m.generation == newest_gen
+                            && m.kind == replited_core::format::Kind::Snapshot
+                    })
+                {
+                    applied = self.rebuild(
+                        &mut local,
+                        &format!(
+                            "new generation in the bucket: {newest_gen:016x}, replica at {:016x}",
+                            applied.pos.generation
+                        ),
+                    )?;
+                    files = self.storage.list()?;
+                }
+                match self.catch_up(&mut local, &files, &mut applied) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // A file it needs is gone or was compacted under an earlier key:
+                        // list everything once.
+                        files = self.storage.list()?;
+                        if !self.catch_up(&mut local, &files, &mut applied)? {
+                            applied = self.rebuild(
+                                &mut local,
+                                &format!(
+                                    "history after txid {} is no longer in the bucket",
+                                    applied.pos.txid
+                                ),
+                            )?;
+                            files = self.storage.list()?;
+                        }
+                    }
+                    Err(e) => match e.downcast_ref::<ApplyError>() {
+                        Some(
+                            ApplyError::ChecksumMismatch { .. } | ApplyError::LocalWrite { .. },
+                        ) => {
+                            applied = self.rebuild(&mut local, &format!("{e:#}"))?;
+                            files = self.storage.list()?;
+                        }
+                        _ => {
+                            tracing::warn!(db = %self.db.display(), "{e:#}; retrying");
+                            files = self.storage.list().unwrap_or(files);
+                        }
+                    },
+                }
+                if !said {
+                    said = true;
+                    tracing::info!(db = %self.db.display(), txid = applied.pos.txid, "caught up with the bucket: following");
+                    let _ = self.sup.send(SupMsg::CaughtUp(self.index));
+                }
+            }
+            let until = Instant::now() + BUCKET_POLL;
+            while Instant::now() < until {
+                if self.stopped() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Applies every transaction the listing holds after the applied position. False when the
+    /// listing shows newer transactions of this generation that cannot be reached from here.
+    fn catch_up(
+        &self,
+        local: &mut Local,
+        files: &[FileMeta],
+        applied: &mut Applied,
+    ) -> Result<bool> {
+        loop {
+            let txns = read_history_in(&self.storage, files, applied.pos, 16 << 20)?;
+            if txns.is_empty() {
+                let newer = files.iter().any(|m| {
+                    m.generation == applied.pos.generation
+                        && m.kind == replited_core::format::Kind::Segment
+                        && m.last_txid > applied.pos.txid
+                });
+                return Ok(!newer);
+            }
+            for t in txns {
+                let a = local.applier.as_mut().expect("open");
+                let txid = t.header.txid;
+                let before = Entry {
+                    generation: t.generation,
+                    txid: applied.pos.txid,
+                    checksum: a.checksum(),
+                    stamp: a.stamp(),
+                };
+                let after = Entry {
+                    generation: t.generation,
+                    txid,
+                    checksum: t.header.db_checksum,
+                    stamp: match t.pages.first() {
+                        Some((1, p)) => stamp_of(p),
+                        _ => before.stamp,
+                    },
+                };
+                local.position.write(&after, Some(&before))?;
+                match a.apply(txid, t.header.db_pages, t.header.db_checksum, &t.pages) {
+                    Ok(ck) => {
+                        *applied = Applied {
+                            pos: t.pos(),
+                            db_checksum: ck,
+                        };
+                        let cookie = a.schema_cookie();
+                        if local.schema_cookie.is_some_and(|c| c != cookie) {
+                            let _ = self.sup.send(SupMsg::SchemaChanged);
+                        }
+                        local.schema_cookie = Some(cookie);
+                    }
+                    Err(e) => {
+                        local.position.write(&before, None)?;
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
     }
 }

@@ -340,6 +340,7 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
     if let Some(s) = servers {
         s.stop();
     }
+    crate::s3::REQUESTS.log();
     for (db, h) in handles {
         match h {
             Ok(Ok(())) => {}

@@ -12,6 +12,8 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -25,6 +27,63 @@ use crate::storage::{ObjectWriter, Storage};
 
 /// Attempts per request before the error is returned (the capture loop then retries later).
 const ATTEMPTS: u32 = 4;
+
+/// Requests sent to S3 by this process, by kind (what a bill counts).
+pub static REQUESTS: Requests = Requests::new();
+
+/// Request counters.
+pub struct Requests {
+    put: AtomicU64,
+    get: AtomicU64,
+    list: AtomicU64,
+    delete: AtomicU64,
+}
+
+impl Requests {
+    const fn new() -> Requests {
+        Requests {
+            put: AtomicU64::new(0),
+            get: AtomicU64::new(0),
+            list: AtomicU64::new(0),
+            delete: AtomicU64::new(0),
+        }
+    }
+
+    /// (PUT, GET, LIST, DELETE) so far; a multipart upload counts its initiate, part and
+    /// complete requests.
+    pub fn get(&self) -> (u64, u64, u64, u64) {
+        (
+            self.put.load(Relaxed),
+            self.get.load(Relaxed),
+            self.list.load(Relaxed),
+            self.delete.load(Relaxed),
+        )
+    }
+
+    /// Logs the counts (at exit).
+    pub fn log(&self) {
+        let (p, g, l, d) = self.get();
+        if p + g + l + d > 0 {
+            tracing::info!(
+                put = p,
+                get = g,
+                list = l,
+                delete = d,
+                "S3 requests sent: PUT {p}, GET {g}, LIST {l}, DELETE {d}"
+            );
+        }
+    }
+}
+
+/// PUT requests of an upload of `len` bytes (rust-s3 uses 8 MiB parts from 8 MiB on).
+fn put_requests(len: u64) -> u64 {
+    const PART: u64 = 8 << 20;
+    if len < PART {
+        1
+    } else {
+        2 + len.div_ceil(PART)
+    }
+}
 
 /// One database's files in a bucket.
 pub struct S3Storage {
@@ -135,6 +194,7 @@ impl S3Storage {
         let start_after = after.map(|m| self.key(m));
         loop {
             let (page, _) = self.retry("listing", || {
+                REQUESTS.list.fetch_add(1, Relaxed);
                 self.bucket.list_page(
                     strip.clone(),
                     None,
@@ -261,7 +321,9 @@ impl ObjectWriter for S3Writer {
             key,
             mut file,
         } = *self;
+        let len = file.metadata()?.len();
         retry(&what, &format!("uploading {key}"), || {
+            REQUESTS.put.fetch_add(put_requests(len), Relaxed);
             file.seek(SeekFrom::Start(0)).map_err(S3Error::Io)?;
             let mut r = io::BufReader::with_capacity(1 << 20, &mut file);
             bucket.put_object_stream(&mut r, &key).map(|_| ())
@@ -274,6 +336,7 @@ impl S3Storage {
     /// Proves the bucket can be listed (a replica following it only reads).
     pub fn check_readable(&self) -> Result<()> {
         self.retry("listing", || {
+            REQUESTS.list.fetch_add(1, Relaxed);
             self.bucket
                 .list(format!("{}/", self.prefix), Some("/".into()))
                 .map(|_| ())
@@ -301,6 +364,7 @@ impl Storage for S3Storage {
     fn check_writable(&self) -> Result<()> {
         // A listing first: a missing bucket is a 404 there (some stores create buckets on PUT).
         self.retry("listing", || {
+            REQUESTS.list.fetch_add(1, Relaxed);
             self.bucket
                 .list(format!("{}/", self.prefix), Some("/".into()))
                 .map(|_| ())
@@ -314,10 +378,12 @@ impl Storage for S3Storage {
         })?;
         let probe = format!("{}/.replited-probe", self.prefix);
         self.retry("writing a probe object", || {
+            REQUESTS.put.fetch_add(1, Relaxed);
             self.bucket.put_object(&probe, b"ok").map(|_| ())
         })
         .and_then(|_| {
             self.retry("deleting the probe object", || {
+                REQUESTS.delete.fetch_add(1, Relaxed);
                 self.bucket.delete_object(&probe).map(|_| ())
             })
         })
@@ -333,6 +399,7 @@ impl Storage for S3Storage {
 
     fn list(&self) -> Result<Vec<FileMeta>> {
         let pages = self.retry("listing", || {
+            REQUESTS.list.fetch_add(1, Relaxed);
             self.bucket.list(format!("{}/", self.prefix), None)
         })?;
         let strip = format!("{}/", self.prefix);
@@ -359,6 +426,7 @@ impl Storage for S3Storage {
         self.retry(&format!("downloading {key}"), || {
             file.set_len(0).map_err(S3Error::Io)?;
             file.seek(SeekFrom::Start(0)).map_err(S3Error::Io)?;
+            REQUESTS.get.fetch_add(1, Relaxed);
             self.bucket
                 .get_object_to_writer(&key, &mut file)
                 .map(|_| ())
@@ -371,6 +439,7 @@ impl Storage for S3Storage {
         for m in metas {
             let key = self.key(m);
             match self.retry(&format!("deleting {key}"), || {
+                REQUESTS.delete.fetch_add(1, Relaxed);
                 self.bucket.delete_object(&key).map(|_| ())
             }) {
                 Ok(()) => {}
@@ -388,7 +457,9 @@ impl Storage for S3Storage {
     fn put_file(&self, meta: &FileMeta, file: &mut File) -> Result<()> {
         let key = self.key(meta);
         let start = file.stream_position()?;
+        let len = file.metadata()?.len().saturating_sub(start);
         self.retry(&format!("uploading {key}"), || {
+            REQUESTS.put.fetch_add(put_requests(len), Relaxed);
             file.seek(SeekFrom::Start(start)).map_err(S3Error::Io)?;
             let mut r = io::BufReader::with_capacity(1 << 20, &mut *file);
             self.bucket.put_object_stream(&mut r, &key).map(|_| ())

@@ -1,0 +1,256 @@
+//! S3 benchmarks against a real S3-compatible server on 127.0.0.1 (s3s-fs, which checks
+//! signatures), with the release binary:
+//!
+//! 1. a 1 GB database: its snapshot's upload (from replited's start to the object complete and
+//!    the spool empty) and its restore from the bucket by URL, in MB/s;
+//! 2. requests sent to S3 (PUT, GET, LIST, DELETE, as replited counts and logs them at exit)
+//!    while single-row transactions commit at 1 and at 100 transactions/s, scaled to an hour,
+//!    with the default settings and with `sync-interval = "1s"`.
+//!
+//! `cargo bench --bench s3` runs the full sizes; `cargo bench -- --test` a tiny version.
+
+#[allow(dead_code)]
+#[path = "../tests/common/s3.rs"]
+mod fixture;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use fixture::S3Server;
+
+const BUCKET: &str = "replited-bench";
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_replited")
+}
+
+fn bench_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-scratch");
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    db: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl World {
+    fn new(s: &S3Server, extra: &str) -> World {
+        let dir = tempfile::Builder::new()
+            .prefix("replited-bench-s3")
+            .tempdir_in(bench_dir())
+            .unwrap();
+        let db = dir.path().join("data.db");
+        let config = dir.path().join("replited.toml");
+        fs::write(
+            &config,
+            format!(
+                "[[database]]\ndb = \"{}\"\n{extra}\n[[database.replicate]]\nname = \"s3\"\n[database.replicate.params]\ntype = \"s3\"\nendpoint = \"{}\"\nbucket = \"{BUCKET}\"\nroot = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+                db.display(),
+                s.endpoint,
+                dir.path().file_name().unwrap().to_string_lossy(),
+                s.access_key,
+                s.secret_key
+            ),
+        )
+        .unwrap();
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.pragma_update(None, "journal_mode", "wal").unwrap();
+        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB NOT NULL)")
+            .unwrap();
+        let log = dir.path().join("replited.log");
+        World {
+            dir,
+            db,
+            config,
+            log,
+        }
+    }
+
+    fn start(&self) -> Child {
+        Command::new(bin())
+            .args(["-c", self.config.to_str().unwrap(), "replicate"])
+            .stderr(fs::File::create(&self.log).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn spool(&self) -> PathBuf {
+        self.dir.path().join(".data.db-replited-spool")
+    }
+}
+
+fn stop(mut c: Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(c.wait().unwrap().success());
+}
+
+fn files_in(dir: &Path) -> usize {
+    let mut n = 0;
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            n += if e.path().is_dir() {
+                files_in(&e.path())
+            } else {
+                1
+            };
+        }
+    }
+    n
+}
+
+/// (upload MB/s, restore MB/s, database bytes).
+fn snapshot_round_trip(s: &S3Server, mb: u64) -> (f64, f64, u64) {
+    let w = World::new(s, "");
+    {
+        let conn = rusqlite::Connection::open(&w.db).unwrap();
+        conn.execute_batch("BEGIN").unwrap();
+        let mut st = conn
+            .prepare("INSERT INTO t (v) VALUES (randomblob(65536))")
+            .unwrap();
+        for _ in 0..mb * 16 {
+            st.execute([]).unwrap();
+        }
+        drop(st);
+        conn.execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+    }
+    let bytes = fs::metadata(&w.db).unwrap().len();
+    let t0 = Instant::now();
+    let child = w.start();
+    loop {
+        let done = s.keys(BUCKET).iter().any(|k| k.ends_with(".snap"))
+            && w.log_text().contains("capturing")
+            && files_in(&w.spool()) == 0;
+        if done {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(900), "no upload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let up = t0.elapsed().as_secs_f64();
+    stop(child);
+    let out = w.dir.path().join("restored.db");
+    let prefix = w
+        .dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let t1 = Instant::now();
+    let o = Command::new(bin())
+        .args([
+            "restore",
+            &format!("s3://{BUCKET}/{prefix}/data.db"),
+            "-o",
+            out.to_str().unwrap(),
+            "--endpoint",
+            &s.endpoint,
+        ])
+        .env("AWS_ACCESS_KEY_ID", &s.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &s.secret_key)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let down = t1.elapsed().as_secs_f64();
+    (bytes as f64 / 1e6 / up, bytes as f64 / 1e6 / down, bytes)
+}
+
+/// Requests per hour while committing at `rate` for `secs`.
+fn requests(s: &S3Server, rate: u32, secs: f64, extra: &str) -> [f64; 4] {
+    let w = World::new(s, extra);
+    let child = w.start();
+    let t = Instant::now();
+    while !w.log_text().contains("capturing") {
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Start-up requests (listing, probe, first snapshot) are not counted: they are logged too,
+    // so count from a baseline taken with no load.
+    let conn = rusqlite::Connection::open(&w.db).unwrap();
+    conn.pragma_update(None, "synchronous", "normal").unwrap();
+    let n = (rate as f64 * secs) as usize;
+    let t0 = Instant::now();
+    for i in 0..n {
+        let due = t0 + Duration::from_secs_f64(i as f64 / rate as f64);
+        if let Some(d) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+        conn.execute("INSERT INTO t (v) VALUES (randomblob(100))", [])
+            .unwrap();
+    }
+    let wall = t0.elapsed().as_secs_f64().max(secs);
+    stop(child);
+    let log = w.log_text();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("S3 requests sent"))
+        .unwrap_or_else(|| panic!("no request counts logged:\n{log}"));
+    let count = |k: &str| -> f64 {
+        let at = line.find(&format!("{k} ")).unwrap() + k.len() + 1;
+        line[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+    };
+    // Minus the start-up: 1 LIST + probe PUT/DELETE + 1 LIST (establish) + snapshot PUT.
+    let per_hour = |v: f64, startup: f64| (v - startup).max(0.0) / wall * 3600.0;
+    [
+        per_hour(count("PUT"), 2.0),
+        per_hour(count("GET"), 0.0),
+        per_hour(count("LIST"), 2.0),
+        per_hour(count("DELETE"), 1.0),
+    ]
+}
+
+fn main() {
+    let test = std::env::args().any(|a| a == "--test");
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let (mb, secs) = if test { (8, 2.0) } else { (1024, 60.0) };
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let (up, down, bytes) = snapshot_round_trip(&s, mb);
+    println!(
+        "### a {:.0} MB database through the local S3 server (s3s-fs)\n",
+        bytes as f64 / 1e6
+    );
+    println!("| snapshot upload (MB/s) | restore from the bucket (MB/s) |");
+    println!("|---|---|");
+    println!("| {up:.0} | {down:.0} |");
+    println!(
+        "\n### S3 requests per hour while committing ({secs:.0} s per row, start-up excluded)\n"
+    );
+    println!("| settings | tx/s | PUT/h | GET/h | LIST/h | DELETE/h |");
+    println!("|---|---|---|---|---|---|");
+    for (name, extra) in [
+        ("defaults (sync-interval 0s)", ""),
+        ("sync-interval = \"1s\"", "sync-interval = \"1s\""),
+    ] {
+        for rate in [1, 100] {
+            let r = requests(&s, rate, secs, extra);
+            println!(
+                "| {name} | {rate} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                r[0], r[1], r[2], r[3]
+            );
+        }
+    }
+}

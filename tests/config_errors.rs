@@ -187,11 +187,12 @@ fn replica_sidecar_config_errors() {
         stderr(&o)
     };
     let db = w.path("replica/data.db");
+    fs::create_dir_all(db.parent().unwrap()).unwrap();
     let err = run(&format!("[[database]]\ndb = \"{}\"\n[[database.replicate]]\nname = \"b\"\nparams.type = \"fs\"\nparams.root = \"/tmp\"\n", db.display()));
     assert!(err.contains("type = \"stream\""), "{err}");
     let err = run(&format!("[[database]]\ndb = \"{}\"\n[[database.replicate]]\nname = \"p\"\nparams.type = \"stream\"\nparams.addr = \"http://127.0.0.1:50051\"\n", db.display()));
     assert!(err.contains("tls_ca"), "{err}");
-    let err = run(&format!("[[database]]\ndb = \"{}\"\n[[database.replicate]]\nname = \"p\"\nparams.type = \"stream\"\nparams.addr = \"http://127.0.0.1:50051\"\nparams.tls_ca = \"/etc/hostname\"\n", db.display()));
+    let err = run(&format!("[[database]]\ndb = \"{}\"\n[[database.replicate]]\nname = \"p\"\nparams.type = \"stream\"\nparams.addr = \"http://127.0.0.1:50051\"\nparams.tls_ca = \"/nonexistent/ca.pem\"\n", db.display()));
     assert!(err.contains("does not exist"), "{err}");
     assert!(!db.exists());
 }

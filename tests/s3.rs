@@ -329,3 +329,84 @@ fn replica_follows_the_bucket_alone() {
     );
     d.stop();
 }
+
+/// A streamed replica's initial restore downloads from the primary's bucket through the
+/// restore-config flow (the primary requires client certificates, so it may hand out the
+/// bucket's credentials), then follows the primary over QUIC.
+#[test]
+fn stream_replica_restores_from_the_bucket() {
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let w = World::new("");
+    let certs = w.path("certs");
+    let c = certs.to_str().unwrap();
+    for args in [
+        vec!["ca", "--dir", c],
+        vec!["server", "--ca-dir", c, "--san", "127.0.0.1"],
+        vec!["client", "--ca-dir", c, "--name", "replica-1"],
+    ] {
+        let o = Command::new(bin())
+            .arg("cert")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    configure(
+        &w,
+        &format!(
+            "{}\n[[database.replicate]]\nname = \"stream\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"quic://127.0.0.1:{port}\"\ntls_cert = \"{c}/primary.pem\"\ntls_key = \"{c}/primary-key.pem\"\ntls_client_ca = \"{c}/ca.pem\"\n",
+            s3_target(&s, BUCKET, &s.secret_key)
+        ),
+        false,
+    );
+    let d = w.start("auto");
+    run_load(&w.db, 1, 300);
+    let rdir = w.path("replica");
+    fs::create_dir_all(&rdir).unwrap();
+    let rdb = rdir.join("data.db");
+    let rcfg = w.path("replica.toml");
+    fs::write(
+        &rcfg,
+        format!(
+            "[[database]]\ndb = \"{}\"\n[[database.replicate]]\nname = \"primary\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"http://127.0.0.1:{port}\"\ntls_ca = \"{c}/ca.pem\"\ntls_cert = \"{c}/replica-1.pem\"\ntls_key = \"{c}/replica-1-key.pem\"\n",
+            rdb.display()
+        ),
+    )
+    .unwrap();
+    let log = w.path("replica.log");
+    let child = Command::new(bin())
+        .args(["-c", rcfg.to_str().unwrap(), "replica-sidecar"])
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let r = Daemon { child, log };
+    r.wait_for_log("caught up with the primary", Duration::from_secs(60));
+    let text = r.log_text();
+    assert!(
+        text.contains(&format!(
+            "restoring from the primary's backup s3://{BUCKET}/backups/data.db"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains(&s.secret_key), "credentials never logged");
+    run_load(&w.db, 301, 600);
+    let want = state(&w.db);
+    let start = std::time::Instant::now();
+    while state(&rdb) != want {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            r.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r.stop();
+    let plog = d.stop();
+    assert!(!plog.contains(&s.secret_key), "credentials never logged");
+}

@@ -207,7 +207,7 @@ pub enum TargetParams {
 
 /// `type = "s3"`. Credentials and region fall back to `AWS_ACCESS_KEY_ID`,
 /// `AWS_SECRET_ACCESS_KEY` and `AWS_REGION` when absent.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct S3Params {
     /// The bucket.

@@ -102,6 +102,18 @@ fn setting(v: &Option<String>, env: &str) -> Option<String> {
         .or_else(|| std::env::var(env).ok().filter(|s| !s.is_empty()))
 }
 
+/// `p` with the credentials and region taken from the environment where the file has none
+/// (what a replica needs to read the same bucket).
+pub fn resolved(p: &S3Params) -> S3Params {
+    let mut r = p.clone();
+    r.access_key_id = setting(&p.access_key_id, "AWS_ACCESS_KEY_ID");
+    r.secret_access_key = setting(&p.secret_access_key, "AWS_SECRET_ACCESS_KEY");
+    r.region = setting(&p.region, "AWS_REGION");
+    r.spool_dir = None;
+    r.spool_limit_mb = None;
+    r
+}
+
 impl S3Storage {
     /// The target for database `name` described by `p`; temporary files go to `spool`.
     pub fn new(p: &S3Params, name: &str, spool: &Path) -> Result<S3Storage> {

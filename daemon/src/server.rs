@@ -27,7 +27,7 @@ use replited_core::primary::{PrimaryConfig, PrimaryEvent, PrimarySession};
 use replited_core::proto::{Message, Txn, TxnInfo};
 use tokio::sync::watch;
 
-use crate::config::{db_name, DbConfig, StreamParams, TargetParams};
+use crate::config::{db_name, DbConfig, S3Params, StreamParams, TargetParams};
 use crate::reader::decode_file;
 use crate::replicate::{now_ms, targets};
 use crate::restore::{remove_db_files, restore, RestoreOptions};
@@ -81,13 +81,21 @@ impl Hub {
     /// restore config).
     pub fn new(cfg: &DbConfig) -> Result<Hub> {
         let name = db_name(&cfg.db);
-        let restore_config = cfg.replicate.iter().find_map(|t| match &t.params {
+        // A bucket is reachable from anywhere, but its credentials go only to replicas that
+        // proved who they are (client certificates required); a directory otherwise.
+        let authenticated = cfg.stream().is_some_and(|(_, p)| p.tls_client_ca.is_some());
+        let s3 = cfg.replicate.iter().find_map(|t| match &t.params {
+            TargetParams::S3(p) if authenticated => Some(restore_config_s3(p, &name)),
+            _ => None,
+        });
+        let fs = cfg.replicate.iter().find_map(|t| match &t.params {
             TargetParams::Fs(p) => {
                 let root = std::fs::canonicalize(&p.root).unwrap_or_else(|_| p.root.clone());
                 Some(restore_config_fs(&root.join(&name)))
             }
-            TargetParams::S3(_) | TargetParams::Stream(_) => None,
+            _ => None,
         });
+        let restore_config = s3.or(fs);
         Ok(Hub {
             scratch: crate::storage::parent_dir(&cfg.db).to_path_buf(),
             name,
@@ -249,15 +257,47 @@ pub fn restore_config_fs(dir: &Path) -> Vec<u8> {
     toml::to_string(&t).unwrap_or_default().into_bytes()
 }
 
+/// The restore config of an S3 target: its parameters with the credentials resolved, and
+/// the database name (TOML). Sent only to authenticated replicas; never logged.
+pub fn restore_config_s3(p: &S3Params, name: &str) -> Vec<u8> {
+    let mut t = toml::Table::try_from(crate::s3::resolved(p)).unwrap_or_default();
+    t.insert("type".into(), toml::Value::String("s3".into()));
+    t.insert("name".into(), toml::Value::String(name.into()));
+    toml::to_string(&t).unwrap_or_default().into_bytes()
+}
+
 /// Where a restore config says the backups are.
-pub fn parse_restore_config(bytes: &[u8]) -> Result<PathBuf> {
+pub enum RestoreSource {
+    /// A directory (`ROOT/NAME`).
+    Fs(PathBuf),
+    /// A bucket, and the database's name in it.
+    S3(S3Params, String),
+}
+
+/// Reads a restore config.
+pub fn parse_restore_config(bytes: &[u8]) -> Result<RestoreSource> {
     let text = std::str::from_utf8(bytes).context("restore config is not UTF-8")?;
-    let t: toml::Table = toml::from_str(text).context("restore config is not TOML")?;
-    match (t.get("type"), t.get("path")) {
-        (Some(toml::Value::String(ty)), Some(toml::Value::String(p))) if ty == "fs" => {
-            Ok(PathBuf::from(p))
+    let mut t: toml::Table = toml::from_str(text).context("restore config is not TOML")?;
+    let kind = match t.remove("type") {
+        Some(toml::Value::String(k)) => k,
+        _ => bail!("restore config without a type"),
+    };
+    match kind.as_str() {
+        "fs" => match t.get("path") {
+            Some(toml::Value::String(p)) => Ok(RestoreSource::Fs(PathBuf::from(p))),
+            _ => bail!("fs restore config without a path"),
+        },
+        "s3" => {
+            let name = match t.remove("name") {
+                Some(toml::Value::String(n)) => n,
+                _ => bail!("s3 restore config without a name"),
+            };
+            let p: S3Params = toml::Value::Table(t)
+                .try_into()
+                .context("s3 restore config")?;
+            Ok(RestoreSource::S3(p, name))
         }
-        _ => bail!("restore config of an unknown kind: {text:?}"),
+        k => bail!("restore config of an unknown kind \"{k}\""),
     }
 }
 

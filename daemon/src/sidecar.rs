@@ -39,7 +39,7 @@ use crate::config::{db_name, Config, StreamParams};
 use crate::replicate::now_ms;
 use crate::restore::{install, remove_db_files, restore, temp_path, RestoreOptions};
 use crate::s3::S3Storage;
-use crate::server::{parse_restore_config, read_history_in};
+use crate::server::{parse_restore_config, read_history_in, RestoreSource};
 use crate::shutdown::Shutdown;
 use crate::storage::{FsStorage, Storage};
 use crate::transport::{self, ClientTls, FramedStream};
@@ -802,19 +802,28 @@ impl Local {
     async fn restore_from(&mut self, storage: &[u8]) -> Result<Applied> {
         let lock = self.file_lock.clone();
         let _held = lock.lock().await;
-        let dir = parse_restore_config(storage)?;
-        if !dir.is_dir() {
-            bail!(
-                "the primary's backup directory {} is not reachable from here",
-                dir.display()
-            );
-        }
-        tracing::info!(db = %self.db.display(), "restoring from the primary's backup {}", dir.display());
+        let src: Box<dyn Storage> = match parse_restore_config(storage)? {
+            RestoreSource::Fs(dir) => {
+                if !dir.is_dir() {
+                    bail!(
+                        "the primary's backup directory {} is not reachable from here",
+                        dir.display()
+                    );
+                }
+                Box::new(FsStorage::at(dir))
+            }
+            RestoreSource::S3(p, name) => Box::new(S3Storage::new(
+                &p,
+                &name,
+                crate::storage::parent_dir(&self.db),
+            )?),
+        };
+        tracing::info!(db = %self.db.display(), "restoring from the primary's backup {}", src.describe());
         let out = self.db.clone();
         let r = tokio::task::spawn_blocking(move || {
-            let src = FsStorage::at(dir);
+            let src = &*src;
             restore(
-                &[&src],
+                &[src],
                 &RestoreOptions {
                     target: replited_core::plan::Target::Latest,
                     output: out,

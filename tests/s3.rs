@@ -410,3 +410,33 @@ fn stream_replica_restores_from_the_bucket() {
     let plog = d.stop();
     assert!(!plog.contains(&s.secret_key), "credentials never logged");
 }
+
+/// The spool is bounded: with S3 down and more waiting than `spool_limit_mb`, capture is held
+/// back with an error saying so; once S3 is back everything drains and nothing is lost.
+#[test]
+fn spool_limit_holds_capture_back_with_a_clear_error() {
+    let mut s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let w = World::new("");
+    configure(
+        &w,
+        &format!(
+            "{}spool_limit_mb = 1\n",
+            s3_target(&s, BUCKET, &s.secret_key)
+        ),
+        false,
+    );
+    let d = w.start("auto");
+    run_load(&w.db, 1, 50);
+    s.stop();
+    run_load(&w.db, 51, 1500);
+    d.wait_for_log("at its limit of 1 MB", Duration::from_secs(60));
+    s.restart();
+    run_load(&w.db, 1501, 1600);
+    d.wait_for_log("answers again", Duration::from_secs(60));
+    let log = d.stop();
+    assert!(!log.contains("stay in the spool"), "{log}");
+    let out = w.path("from-s3.db");
+    restore_from_url(&s, &w, &out);
+    assert_eq!(state(&out), expect(1600));
+}

@@ -148,6 +148,8 @@ impl S3Storage {
                 p.bucket
             )
         })?;
+        // Retries are ours (`retry`): rust-s3's own would sleep seconds inside each attempt.
+        s3::set_retries(0);
         let creds = Credentials::new(Some(&ak), Some(&sk), None, None, None)
             .map_err(|e| anyhow!("credentials: {e}"))?;
         let mut bucket = Bucket::new(&p.bucket, region, creds)

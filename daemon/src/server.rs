@@ -356,6 +356,12 @@ pub fn read_history_in(
             Ok(true)
         })?;
         done.extend(cur.take());
+        if !done.iter().any(|t| t.header.txid == next) {
+            bail!(
+                "{} holds no transaction {next} although its name says so",
+                storage.locate(m)
+            );
+        }
         for t in done {
             if t.header.txid != next {
                 bail!(

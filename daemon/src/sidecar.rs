@@ -1070,17 +1070,30 @@ impl BucketFollower {
     fn restore_latest(&self, local: &mut Local) -> Result<Applied> {
         self.stop_app();
         local.applier = None;
-        let r = restore(
-            &[&self.storage],
-            &RestoreOptions {
-                target: replited_core::plan::Target::Latest,
-                output: self.db.clone(),
-                force: true,
-                if_db_not_exists: false,
-                if_replica_exists: false,
-            },
-        )?
-        .ok_or_else(|| anyhow!("nothing was restored"))?;
+        // The primary's compaction may delete a file between the listing and its download:
+        // list again and retry.
+        let mut attempt = 0;
+        let r = loop {
+            attempt += 1;
+            match restore(
+                &[&self.storage],
+                &RestoreOptions {
+                    target: replited_core::plan::Target::Latest,
+                    output: self.db.clone(),
+                    force: true,
+                    if_db_not_exists: false,
+                    if_replica_exists: false,
+                },
+            ) {
+                Ok(Some(r)) => break r,
+                Ok(None) => bail!("nothing was restored"),
+                Err(e) if attempt < 10 && !self.stopped() => {
+                    tracing::warn!(db = %self.db.display(), "{e:#}; listing again and retrying");
+                    std::thread::sleep(Duration::from_millis(300 * attempt));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let a = Applier::open(&self.db, self.busy)?;
         let e = Entry {
             generation: r.generation,

@@ -26,6 +26,8 @@ use crate::storage::{sync_dir, ObjectWriter, Storage};
 
 /// Default bound on the bytes waiting in a spool.
 pub const DEFAULT_LIMIT: u64 = 1 << 30;
+/// How long a file waits for room in a full spool while the store answers.
+const ROOM_WAIT: Duration = Duration::from_secs(5);
 
 enum Job {
     Upload(FileMeta, u64),
@@ -338,7 +340,17 @@ impl Storage for SpoolStorage {
 
     fn create(&self, meta: &FileMeta) -> Result<Box<dyn ObjectWriter>> {
         {
-            let q = self.shared.q.lock().expect("spool lock");
+            let mut q = self.shared.q.lock().expect("spool lock");
+            // A store that answers but is slower than capture gets a moment to make room.
+            let deadline = Instant::now() + ROOM_WAIT;
+            while q.bytes >= self.limit && q.failing.is_none() && Instant::now() < deadline {
+                q = self
+                    .shared
+                    .cv
+                    .wait_timeout(q, Duration::from_millis(50))
+                    .expect("spool lock")
+                    .0;
+            }
             if q.bytes >= self.limit {
                 let why = q
                     .failing

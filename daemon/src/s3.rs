@@ -75,14 +75,33 @@ impl Requests {
     }
 }
 
-/// PUT requests of an upload of `len` bytes (rust-s3 uses 8 MiB parts from 8 MiB on).
-fn put_requests(len: u64) -> u64 {
-    const PART: u64 = 8 << 20;
+/// Multipart uploads from this size on (rust-s3's part size).
+const PART: u64 = 8 << 20;
+
+/// Uploads the rest of `file` (from its current position) as `key`: one PUT below [`PART`]
+/// bytes (read into memory, at most 8 MiB), a multipart upload of 8 MiB parts above, read as it
+/// goes; retried as a whole.
+fn upload(bucket: &Bucket, what: &str, key: &str, file: &mut File) -> Result<()> {
+    let start = file.stream_position()?;
+    let len = file.metadata()?.len().saturating_sub(start);
+    let t = std::time::Instant::now();
     if len < PART {
-        1
-    } else {
-        2 + len.div_ceil(PART)
+        let mut data = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut data)?;
+        retry(what, &format!("uploading {key}"), || {
+            REQUESTS.put.fetch_add(1, Relaxed);
+            bucket.put_object(key, &data).map(|_| ())
+        })?;
+        tracing::trace!(len, ms = t.elapsed().as_millis() as u64, "uploaded {key}");
+        return Ok(());
     }
+    retry(what, &format!("uploading {key}"), || {
+        // Initiate, the parts, complete.
+        REQUESTS.put.fetch_add(2 + len.div_ceil(PART), Relaxed);
+        file.seek(SeekFrom::Start(start)).map_err(S3Error::Io)?;
+        let mut r = io::BufReader::with_capacity(1 << 20, &mut *file);
+        bucket.put_object_stream(&mut r, key).map(|_| ())
+    })
 }
 
 /// One database's files in a bucket.
@@ -335,14 +354,8 @@ impl ObjectWriter for S3Writer {
             key,
             mut file,
         } = *self;
-        let len = file.metadata()?.len();
-        retry(&what, &format!("uploading {key}"), || {
-            REQUESTS.put.fetch_add(put_requests(len), Relaxed);
-            file.seek(SeekFrom::Start(0)).map_err(S3Error::Io)?;
-            let mut r = io::BufReader::with_capacity(1 << 20, &mut file);
-            bucket.put_object_stream(&mut r, &key).map(|_| ())
-        })
-        .map_err(io::Error::other)
+        file.seek(SeekFrom::Start(0))?;
+        upload(&bucket, &what, &key, &mut file).map_err(io::Error::other)
     }
 }
 
@@ -469,14 +482,6 @@ impl Storage for S3Storage {
     }
 
     fn put_file(&self, meta: &FileMeta, file: &mut File) -> Result<()> {
-        let key = self.key(meta);
-        let start = file.stream_position()?;
-        let len = file.metadata()?.len().saturating_sub(start);
-        self.retry(&format!("uploading {key}"), || {
-            REQUESTS.put.fetch_add(put_requests(len), Relaxed);
-            file.seek(SeekFrom::Start(start)).map_err(S3Error::Io)?;
-            let mut r = io::BufReader::with_capacity(1 << 20, &mut *file);
-            self.bucket.put_object_stream(&mut r, &key).map(|_| ())
-        })
+        upload(&self.bucket, &self.what(), &self.key(meta), file)
     }
 }

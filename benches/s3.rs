@@ -105,7 +105,7 @@ fn files_in(dir: &Path) -> usize {
             n += if e.path().is_dir() {
                 files_in(&e.path())
             } else {
-                1
+                usize::from(!e.file_name().to_string_lossy().ends_with(".up"))
             };
         }
     }

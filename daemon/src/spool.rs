@@ -20,6 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use replited_core::format::Kind;
 use replited_core::name::FileMeta;
 
 use crate::storage::{sync_dir, ObjectWriter, Storage};
@@ -114,7 +115,8 @@ impl SpoolStorage {
             let gname = g.file_name().to_string_lossy().into_owned();
             for f in fs::read_dir(g.path())?.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".tmp") {
+                if name.ends_with(".tmp") || name.ends_with(".up") {
+                    // Unfinished, or already uploaded (a local copy kept for compaction).
                     let _ = fs::remove_file(f.path());
                     continue;
                 }
@@ -187,6 +189,17 @@ impl Drop for SpoolStorage {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // Local copies of uploaded files are a cache for this run's compaction only.
+        if let Ok(gens) = fs::read_dir(&self.dir) {
+            for g in gens.flatten() {
+                for f in fs::read_dir(g.path()).into_iter().flatten().flatten() {
+                    if f.file_name().to_string_lossy().ends_with(".up") {
+                        let _ = fs::remove_file(f.path());
+                    }
+                }
+                let _ = fs::remove_dir(g.path());
+            }
+        }
     }
 }
 
@@ -235,9 +248,15 @@ fn upload_loop(inner: &dyn Storage, shared: &Shared, dir: &Path) {
                     q.bytes -= len;
                     drop(q);
                     let p = dir.join(m.path());
-                    let _ = fs::remove_file(&p);
-                    if let Some(d) = p.parent() {
-                        let _ = fs::remove_dir(d);
+                    if m.kind == Kind::Segment && m.level == 0 {
+                        // Compaction reads every level-0 segment once, soon: keep a local copy
+                        // (`.up`, uploaded) so that read is no GET; deleting the file removes it.
+                        let _ = fs::rename(&p, uploaded(&p));
+                    } else {
+                        let _ = fs::remove_file(&p);
+                        if let Some(d) = p.parent() {
+                            let _ = fs::remove_dir(d);
+                        }
                     }
                 }
             }
@@ -264,6 +283,13 @@ fn upload_loop(inner: &dyn Storage, shared: &Shared, dir: &Path) {
             }
         }
     }
+}
+
+/// The name of an uploaded file's local copy.
+fn uploaded(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".up");
+    PathBuf::from(s)
 }
 
 fn now_micros() -> u64 {
@@ -388,7 +414,8 @@ impl Storage for SpoolStorage {
     }
 
     fn open(&self, meta: &FileMeta) -> Result<Box<dyn Read + Send>> {
-        match File::open(self.path(meta)) {
+        let p = self.path(meta);
+        match File::open(&p).or_else(|_| File::open(uploaded(&p))) {
             Ok(f) => Ok(Box::new(io::BufReader::with_capacity(1 << 20, f))),
             Err(_) => self.inner.open(meta),
         }
@@ -411,7 +438,15 @@ impl Storage for SpoolStorage {
                     }
                     let _ = fs::remove_file(self.path(m));
                 }
-                None => remote.push(*m),
+                None => {
+                    let p = self.path(m);
+                    if fs::remove_file(uploaded(&p)).is_ok() {
+                        if let Some(d) = p.parent() {
+                            let _ = fs::remove_dir(d);
+                        }
+                    }
+                    remote.push(*m)
+                }
             }
         }
         if !remote.is_empty() {

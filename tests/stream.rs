@@ -578,3 +578,26 @@ fn snapshot_is_streamed_when_the_backup_is_unreachable() {
     let plog = p.stop();
     assert!(plog.contains("snapshot streamed"), "{plog}");
 }
+
+/// The replica tells the service manager READY=1 only once it has caught up, then
+/// `STATUS=… streaming at txid N, lag …`, and STOPPING=1 on SIGTERM.
+#[test]
+fn replica_is_ready_once_caught_up() {
+    let c = Cluster::new(Opts::default());
+    let p = c.primary();
+    run_load(&c.pdb, 1, 500);
+    let n = NotifyListener::start(c.dir.path());
+    let mut cmd = Command::new(bin());
+    cmd.env("NOTIFY_SOCKET", &n.socket)
+        .env("WATCHDOG_USEC", "2000000");
+    let r = c.replica_cmd(cmd, &[]);
+    n.wait_for("READY=1", Duration::from_secs(60));
+    // Ready means caught up: the replica already holds everything committed before.
+    assert_eq!(state(&c.rdb), expect(500));
+    run_load(&c.pdb, 501, 520);
+    n.wait_for("streaming at txid 521", Duration::from_secs(20));
+    n.wait_for("WATCHDOG=1", Duration::from_secs(5));
+    r.stop();
+    n.wait_for("STOPPING=1", Duration::from_secs(5));
+    p.stop();
+}

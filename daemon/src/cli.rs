@@ -303,9 +303,12 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
         }
     }
     let servers = Servers::start(hubs.clone()).with_context(|| cfg.path.display().to_string())?;
+    let health = crate::notify::Health::new(cfg.databases.len());
+    health.spawn();
     let mut handles = Vec::new();
-    for d in cfg.databases.iter().cloned() {
+    for (index, d) in cfg.databases.iter().cloned().enumerate() {
         let sd = shutdown.clone();
+        let health = health.clone();
         let name = db_name(&d.db);
         let hub = hubs
             .iter()
@@ -321,6 +324,7 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
                             return Ok(());
                         }
                         let mut r = Replicator::open(d, io)?;
+                        r.set_health(health, index);
                         if let Some(h) = hub {
                             r.set_hub(h);
                         }
@@ -336,7 +340,23 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
         ));
     }
     let mut failed = None;
+    let stopping = {
+        let (sd, health) = (shutdown.clone(), health.clone());
+        std::thread::spawn(move || {
+            // STOPPING=1 as soon as the signal comes (capture then writes out what it holds).
+            while !sd.requested() {
+                let mut fds = [nix::poll::PollFd::new(
+                    sd.fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
+            }
+            health.stopping();
+        })
+    };
     let handles: Vec<_> = handles.into_iter().map(|(db, h)| (db, h.join())).collect();
+    shutdown.trigger();
+    let _ = stopping.join();
     if let Some(s) = servers {
         s.stop();
     }

@@ -7,6 +7,7 @@ pub mod apply;
 pub mod cert;
 pub mod cli;
 pub mod config;
+pub mod notify;
 pub mod reader;
 pub mod replicate;
 pub mod restore;

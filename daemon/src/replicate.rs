@@ -203,6 +203,8 @@ pub struct Replicator {
     db_modified: bool,
     /// When the guard last moved.
     last_rotation: Instant,
+    /// Heartbeats and status for the service manager, and this database's index in them.
+    health: Option<(Arc<crate::notify::Health>, usize)>,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -283,10 +285,36 @@ impl Replicator {
             db_watch: None,
             db_modified: false,
             last_rotation: now,
+            health: None,
             buf: Vec::new(),
             out: Vec::new(),
             cfg,
         })
+    }
+
+    /// Reports heartbeats, status and readiness to `health` as worker `index`.
+    pub fn set_health(&mut self, health: Arc<crate::notify::Health>, index: usize) {
+        self.health = Some((health, index));
+    }
+
+    fn report(&self) {
+        if let Some((h, i)) = &self.health {
+            h.beat(*i);
+            h.set_status(
+                *i,
+                format!(
+                    "{}: generation {:016x}, txid {}{}",
+                    db_name(&self.db_path),
+                    self.generation,
+                    self.txid,
+                    if self.retry_at.is_some() {
+                        " (retrying after an error)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
     }
 
     /// Publishes every durable transaction to `hub` (the stream server's feed).
@@ -318,6 +346,10 @@ impl Replicator {
         self.inotify = Some(inotify);
         self.establish()?;
         self.announce();
+        self.report();
+        if let Some((h, i)) = &self.health {
+            h.set_ready(*i);
+        }
         tracing::info!(
             generation = self.generation,
             txid = self.txid,
@@ -335,6 +367,7 @@ impl Replicator {
             if shutdown.requested() {
                 break;
             }
+            self.report();
             let timeout = self.next_deadline();
             let fds_ready;
             {

@@ -155,6 +155,8 @@ pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
     rt.block_on(async move {
         let (sup_tx, sup_rx) = mpsc::unbounded_channel();
         let n = plans.len() + buckets.len();
+        let health = crate::notify::Health::new(n);
+        health.spawn();
         let mut tasks = Vec::new();
         for (i, (d, s3)) in buckets.into_iter().enumerate() {
             let f = BucketFollower {
@@ -165,6 +167,7 @@ pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
                 force_restore: opts.force_restore,
                 sup: sup_tx.clone(),
                 stop: stop_rx.clone(),
+                health: health.clone(),
             };
             tasks.push(tokio::task::spawn_blocking(move || f.run()));
         }
@@ -179,11 +182,12 @@ pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
                 force_restore: opts.force_restore,
                 sup: sup_tx.clone(),
                 stop: stop_rx.clone(),
+                health: health.clone(),
             };
             tasks.push(tokio::spawn(async move { f.run().await }));
         }
         drop(sup_tx);
-        let sup = supervise(n, opts, sup_rx, stop_rx.clone()).await;
+        let sup = supervise(n, opts, sup_rx, stop_rx.clone(), health.clone()).await;
         let mut result = sup;
         for t in tasks {
             match t.await {
@@ -292,6 +296,7 @@ async fn supervise(
     opts: SidecarOptions,
     mut rx: mpsc::UnboundedReceiver<SupMsg>,
     mut stop: watch::Receiver<bool>,
+    health: Arc<crate::notify::Health>,
 ) -> Result<()> {
     let mut ready = vec![false; n];
     let mut done = vec![false; n];
@@ -322,6 +327,7 @@ async fn supervise(
                 None => break,
                 Some(SupMsg::CaughtUp(i)) => {
                     ready[i] = true;
+                    health.set_ready(i);
                     if let Some(a) = app.as_mut() {
                         if ready.iter().all(|r| *r) && a.child.is_none() && a.restart_at.is_none() {
                             a.start();
@@ -371,6 +377,7 @@ async fn supervise(
                 }
             }
             _ = stop.wait_for(|s| *s) => {
+                health.stopping();
                 if let Some(a) = app.as_mut() {
                     a.stop("replited is stopping (signal)").await;
                 }
@@ -406,6 +413,7 @@ struct Follower {
     force_restore: bool,
     sup: mpsc::UnboundedSender<SupMsg>,
     stop: watch::Receiver<bool>,
+    health: Arc<crate::notify::Health>,
 }
 
 /// How a conversation ended.
@@ -498,6 +506,11 @@ impl Follower {
             if *stop.borrow() {
                 return Ok(());
             }
+            self.health.beat(self.index);
+            self.health.set_status(
+                self.index,
+                format!("{}: connecting to the primary at {}", self.name, self.addr),
+            );
             let conn = tokio::select! {
                 c = transport::connect(&endpoint, &host, port, &self.tls.server_name) => c,
                 _ = stop.wait_for(|s| *s) => return Ok(()),
@@ -600,6 +613,25 @@ impl Follower {
                 ReplicaState::Streaming => {}
                 _ => caught_up_said = false,
             }
+            self.health.beat(self.index);
+            self.health.set_status(
+                self.index,
+                match replica.state() {
+                    ReplicaState::Streaming => format!(
+                        "{}: streaming at txid {}, lag {} ms",
+                        self.name,
+                        replica.applied().map_or(0, |a| a.pos.txid),
+                        replica.lag_ms(now_ms()).unwrap_or(0)
+                    ),
+                    ReplicaState::CatchingUp { target } => format!(
+                        "{}: catching up, txid {} of {target}",
+                        self.name,
+                        replica.applied().map_or(0, |a| a.pos.txid)
+                    ),
+                    ReplicaState::Restoring { .. } => format!("{}: restoring", self.name),
+                    _ => format!("{}: connecting", self.name),
+                },
+            );
             let wake = replica.poll_timeout().unwrap_or(now_ms() + 1000);
             let sleep = Duration::from_millis(wake.saturating_sub(now_ms()));
             tokio::select! {
@@ -1036,6 +1068,7 @@ struct BucketFollower {
     force_restore: bool,
     sup: mpsc::UnboundedSender<SupMsg>,
     stop: watch::Receiver<bool>,
+    health: Arc<crate::notify::Health>,
 }
 
 impl BucketFollower {
@@ -1208,6 +1241,11 @@ impl BucketFollower {
                     let _ = self.sup.send(SupMsg::CaughtUp(self.index));
                 }
             }
+            self.health.beat(self.index);
+            self.health.set_status(
+                self.index,
+                format!("following the bucket at txid {}", applied.pos.txid),
+            );
             let until = Instant::now() + BUCKET_POLL;
             while Instant::now() < until {
                 if self.stopped() {

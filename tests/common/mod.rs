@@ -268,3 +268,61 @@ pub fn integrity(db: &Path) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// A stand-in for systemd's `NOTIFY_SOCKET` (tests/notify_listener.py): what replited told the
+/// service manager, one message per line.
+pub struct NotifyListener {
+    pub socket: PathBuf,
+    pub out: PathBuf,
+    child: Child,
+}
+
+impl NotifyListener {
+    pub fn start(dir: &Path) -> NotifyListener {
+        let socket = dir.join("notify.sock");
+        let out = dir.join("notify.log");
+        let child = Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/notify_listener.py"))
+            .arg(&socket)
+            .arg(&out)
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "no notify socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        NotifyListener { socket, out, child }
+    }
+
+    pub fn messages(&self) -> Vec<String> {
+        fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    /// Waits until a message containing `needle` arrived.
+    pub fn wait_for(&self, needle: &str, limit: Duration) {
+        let start = Instant::now();
+        while !self.messages().iter().any(|m| m.contains(needle)) {
+            assert!(
+                start.elapsed() < limit,
+                "no {needle:?} notification within {limit:?}: {:?}",
+                self.messages()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NotifyListener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -601,3 +601,44 @@ fn replica_is_ready_once_caught_up() {
     n.wait_for("STOPPING=1", Duration::from_secs(5));
     p.stop();
 }
+
+/// Socket activation: started by `systemd-socket-activate` with a UDP socket named "quic"
+/// (as `replited@.socket` passes it), the primary serves replicas on that socket instead of
+/// binding its configured address.
+#[test]
+fn primary_uses_the_udp_socket_systemd_passes() {
+    let c = Cluster::new(Opts::default());
+    run_load(&c.pdb, 1, 100);
+    // The config names another port: the passed socket must be the one used.
+    let activated = free_udp_port();
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.args([
+        "-l",
+        &format!("127.0.0.1:{activated}"),
+        "--datagram",
+        "--fdname=quic",
+        bin(),
+    ]);
+    let p = c.spawn(
+        {
+            cmd.args(["-c", c.pcfg.to_str().unwrap(), "replicate"]);
+            cmd
+        },
+        "primary",
+    );
+    // The replica connects to the activated port (its first datagram starts replited).
+    let rcfg = fs::read_to_string(&c.rcfg)
+        .unwrap()
+        .replace(&format!(":{}\"", c.port), &format!(":{activated}\""));
+    fs::write(&c.rcfg, rcfg).unwrap();
+    let r = c.replica(&[]);
+    r.wait_for_log("caught up with the primary", Duration::from_secs(60));
+    p.wait_for_log(
+        "using the UDP socket passed by systemd (quic)",
+        Duration::from_secs(5),
+    );
+    run_load(&c.pdb, 101, 200);
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(30), &[&p, &r]);
+    r.stop();
+    p.stop();
+}

@@ -413,6 +413,23 @@ pub fn server_tls(name: &str, p: &StreamParams) -> Result<ServerTls> {
     })
 }
 
+/// The UDP sockets passed by systemd socket activation (`LISTEN_FDS`, `LISTEN_FDNAMES`), with
+/// their names. Stream sockets (the status port) are left alone.
+fn passed_udp_sockets() -> Vec<(String, std::net::UdpSocket)> {
+    use nix::sys::socket::{getsockopt, sockopt, SockType};
+    use std::os::fd::{BorrowedFd, FromRawFd};
+    let Ok(fds) = sd_notify::listen_fds_with_names() else {
+        return Vec::new();
+    };
+    fds.filter_map(|(fd, name)| {
+        // SAFETY: systemd passed this descriptor to this process (LISTEN_PID checked).
+        let b = unsafe { BorrowedFd::borrow_raw(fd) };
+        matches!(getsockopt(&b, sockopt::SockType), Ok(SockType::Datagram))
+            .then(|| (name, unsafe { std::net::UdpSocket::from_raw_fd(fd) }))
+    })
+    .collect()
+}
+
 /// Resolves a stream target's address for binding.
 fn bind_addr(p: &StreamParams) -> Result<SocketAddr> {
     let (host, port) = transport::parse_stream_addr(&p.addr)?;
@@ -455,11 +472,31 @@ impl Servers {
             .enable_all()
             .build()?;
         let mut endpoints = Vec::new();
+        let mut passed = passed_udp_sockets();
+        let single = groups.len() == 1;
         {
             let _g = rt.enter();
             for (addr, tls, hubs) in groups {
-                let ep = transport::server_endpoint(addr, &tls)
-                    .with_context(|| format!("stream server on {addr}"))?;
+                // A socket systemd passed (replited@.socket, ListenDatagram=) is used instead of
+                // binding: the one named "quic" or bound to this address, or the only one.
+                let pick = passed
+                    .iter()
+                    .position(|(name, sock)| {
+                        name == "quic" || sock.local_addr().is_ok_and(|a| a == addr)
+                    })
+                    .or((single && passed.len() == 1).then_some(0));
+                let ep = match pick {
+                    Some(i) => {
+                        let (name, sock) = passed.remove(i);
+                        tracing::info!(
+                            "using the UDP socket passed by systemd ({name}) on {} instead of binding {addr}",
+                            sock.local_addr().map_or_else(|_| "?".into(), |a| a.to_string())
+                        );
+                        transport::server_endpoint_on(sock, &tls)
+                    }
+                    None => transport::server_endpoint(addr, &tls),
+                }
+                .with_context(|| format!("stream server on {addr}"))?;
                 endpoints.push((ep, Arc::new(hubs)));
             }
         }

@@ -61,6 +61,7 @@ fn units_verify_and_are_hardened() {
         "NotifyAccess=main",
         "WatchdogSec=",
         "Restart=on-failure",
+        "ExecReload=",
         "NoNewPrivileges=yes",
         "CapabilityBoundingSet=\n",
         "ProtectSystem=strict",

@@ -154,23 +154,75 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("replited={level},replited_core={level},warn")));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// Changes the log level of a running process (SIGHUP reload).
+type LevelHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+fn filter_for(level: &str) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::new(format!("replited={level},replited_core={level},warn"))
+}
+
+fn init_logging(level: &str) -> Option<LevelHandle> {
+    use tracing_subscriber::prelude::*;
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let fixed = from_env.is_some();
+    let (filter, handle) =
+        tracing_subscriber::reload::Layer::new(from_env.unwrap_or_else(|| filter_for(level)));
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .ok()
+        .filter(|_| !fixed)
+        .map(|_| handle)
+}
+
+/// SIGHUP: reads the config again and applies what can change without a restart (the log
+/// level), telling systemd `RELOADING=1` (with `MONOTONIC_USEC`) and `READY=1` around it. A
+/// config that no longer loads is reported and the running one kept.
+fn reload_on_sighup(path: PathBuf, cli_level: Option<String>, handle: Option<LevelHandle>) {
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("reload".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                let mut states = vec![sd_notify::NotifyState::Reloading];
+                if let Ok(m) = sd_notify::NotifyState::monotonic_usec_now() {
+                    states.push(m);
+                }
+                let _ = sd_notify::notify(&states);
+                match Config::load(&path) {
+                    Ok(cfg) => {
+                        let level = cli_level.clone().unwrap_or(cfg.log.level.clone());
+                        if let Some(h) = &handle {
+                            let _ = h.reload(filter_for(&level));
+                        }
+                        tracing::info!(
+                            "reloaded {}: log level {level} (other changes take effect at the next restart)",
+                            path.display()
+                        );
+                    }
+                    Err(e) => tracing::error!(
+                        "reload failed, keeping the running configuration: {e}"
+                    ),
+                }
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            }
+        });
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Replicate { io } => {
             let cfg = Config::load(&cli.config)?;
-            init_logging(cli.log_level.as_deref().unwrap_or(&cfg.log.level));
+            let handle = init_logging(cli.log_level.as_deref().unwrap_or(&cfg.log.level));
+            reload_on_sighup(cli.config.clone(), cli.log_level.clone(), handle);
             if let Some(dir) = &cfg.log.dir {
                 tracing::warn!("[log] dir = {dir:?} is ignored: replited logs to stderr (the journal under systemd)");
             }
@@ -187,7 +239,7 @@ fn run(cli: Cli) -> Result<()> {
             force,
             endpoint,
         } => {
-            init_logging(cli.log_level.as_deref().unwrap_or("info"));
+            let _ = init_logging(cli.log_level.as_deref().unwrap_or("info"));
             let target = match (timestamp, txid) {
                 (Some(t), _) => Target::Time(parse_time(&t)?),
                 (_, Some(x)) => Target::Txid(parse_txid(&x)?),
@@ -245,7 +297,8 @@ fn run(cli: Cli) -> Result<()> {
             restart_on_schema_change,
         } => {
             let cfg = Config::load(&cli.config)?;
-            init_logging(cli.log_level.as_deref().unwrap_or(&cfg.log.level));
+            let handle = init_logging(cli.log_level.as_deref().unwrap_or(&cfg.log.level));
+            reload_on_sighup(cli.config.clone(), cli.log_level.clone(), handle);
             crate::sidecar::run(
                 cfg,
                 crate::sidecar::SidecarOptions {
@@ -256,7 +309,7 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Command::Cert { what } => {
-            init_logging(cli.log_level.as_deref().unwrap_or("info"));
+            let _ = init_logging(cli.log_level.as_deref().unwrap_or("info"));
             cert(what)
         }
     }

@@ -56,6 +56,9 @@ pub struct SidecarOptions {
     pub restart_on_schema_change: bool,
 }
 
+/// How often a running restore's progress is looked at (and systemd's start-up timeout
+/// extended by six times that while it grows).
+const RESTORE_PROGRESS: Duration = Duration::from_secs(5);
 /// How often the replica's WAL is checkpointed (by a connection of its own).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// How often a write made on the replica is looked for.
@@ -852,7 +855,8 @@ impl Local {
         };
         tracing::info!(db = %self.db.display(), "restoring from the primary's backup {}", src.describe());
         let out = self.db.clone();
-        let r = tokio::task::spawn_blocking(move || {
+        let tmp = temp_path(&self.db);
+        let mut job = tokio::task::spawn_blocking(move || {
             let src = &*src;
             restore(
                 &[src],
@@ -864,9 +868,29 @@ impl Local {
                     if_replica_exists: false,
                 },
             )
-        })
-        .await??
-        .ok_or_else(|| anyhow!("nothing was restored"))?;
+        });
+        // While the restore makes progress (its file grows), ask systemd for more start-up time
+        // and say how far it is.
+        let mut written = 0u64;
+        let r = loop {
+            tokio::select! {
+                r = &mut job => break r,
+                _ = tokio::time::sleep(RESTORE_PROGRESS) => {
+                    let now = std::fs::metadata(&tmp).map_or(0, |m| m.len());
+                    if now > written {
+                        written = now;
+                        let status = format!("{}: restoring, {} MB written", db_name(&self.db), now >> 20);
+                        let _ = sd_notify::notify(&[
+                            sd_notify::NotifyState::ExtendTimeoutUsec(
+                                (RESTORE_PROGRESS * 6).as_micros() as u32,
+                            ),
+                            sd_notify::NotifyState::Status(&status),
+                        ]);
+                    }
+                }
+            }
+        };
+        let r = r??.ok_or_else(|| anyhow!("nothing was restored"))?;
         let a = Applier::open(&self.db, self.busy)?;
         if a.checksum() != r.db_checksum {
             bail!(

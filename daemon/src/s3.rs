@@ -247,7 +247,13 @@ impl S3Storage {
                     .filter_map(FileMeta::parse_path),
             );
             match (page.is_truncated, page.next_continuation_token) {
-                (true, Some(t)) => token = Some(t),
+                (true, Some(t)) => {
+                    // A store that hands the same token back would make this loop forever.
+                    if token.as_deref() == Some(t.as_str()) {
+                        bail!("listing {} did not advance ({})", strip, self.what());
+                    }
+                    token = Some(t)
+                }
                 _ => return Ok(out),
             }
         }
@@ -364,8 +370,16 @@ impl S3Storage {
     pub fn check_readable(&self) -> Result<()> {
         self.retry("listing", || {
             REQUESTS.list.fetch_add(1, Relaxed);
+            // One page is enough to prove access (rust-s3's `list` follows continuation
+            // tokens without looking at `IsTruncated`, which can loop forever).
             self.bucket
-                .list(format!("{}/", self.prefix), Some("/".into()))
+                .list_page(
+                    format!("{}/", self.prefix),
+                    Some("/".into()),
+                    None,
+                    None,
+                    Some(1),
+                )
                 .map(|_| ())
         })
         .with_context(|| {
@@ -392,8 +406,16 @@ impl Storage for S3Storage {
         // A listing first: a missing bucket is a 404 there (some stores create buckets on PUT).
         self.retry("listing", || {
             REQUESTS.list.fetch_add(1, Relaxed);
+            // One page is enough to prove access (rust-s3's `list` follows continuation
+            // tokens without looking at `IsTruncated`, which can loop forever).
             self.bucket
-                .list(format!("{}/", self.prefix), Some("/".into()))
+                .list_page(
+                    format!("{}/", self.prefix),
+                    Some("/".into()),
+                    None,
+                    None,
+                    Some(1),
+                )
                 .map(|_| ())
         })
         .with_context(|| {
@@ -425,17 +447,7 @@ impl Storage for S3Storage {
     }
 
     fn list(&self) -> Result<Vec<FileMeta>> {
-        let pages = self.retry("listing", || {
-            REQUESTS.list.fetch_add(1, Relaxed);
-            self.bucket.list(format!("{}/", self.prefix), None)
-        })?;
-        let strip = format!("{}/", self.prefix);
-        Ok(pages
-            .iter()
-            .flat_map(|p| p.contents.iter())
-            .filter_map(|o| o.key.strip_prefix(&strip))
-            .filter_map(FileMeta::parse_path)
-            .collect())
+        self.list_after(None)
     }
 
     fn create(&self, meta: &FileMeta) -> Result<Box<dyn ObjectWriter>> {

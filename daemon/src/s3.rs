@@ -27,6 +27,8 @@ use crate::storage::{ObjectWriter, Storage};
 
 /// Attempts per request before the error is returned (the capture loop then retries later).
 const ATTEMPTS: u32 = 4;
+/// How long one request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Requests sent to S3 by this process, by kind (what a bill counts).
 pub static REQUESTS: Requests = Requests::new();
@@ -176,6 +178,9 @@ impl S3Storage {
         if p.path_style.unwrap_or(p.endpoint.is_some()) {
             bucket = bucket.with_path_style();
         }
+        // A request that hangs (a store stuck mid-response) fails and is retried rather than
+        // holding its thread for rust-s3's default minute. An 8 MiB part needs 0.4 MB/s.
+        bucket.request_timeout = Some(REQUEST_TIMEOUT);
         let root = p.root.trim_matches('/');
         let prefix = if root.is_empty() {
             name.to_string()

@@ -1097,7 +1097,18 @@ struct BucketFollower {
 
 impl BucketFollower {
     fn run(self) -> Result<()> {
-        let r = self.run_inner();
+        // As for a streamed replica: checkpoints on a connection of their own.
+        let stop_ckpt = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let file_lock = Arc::new(tokio::sync::Mutex::new(()));
+        let ckpt = {
+            let (db, stop, lock) = (self.db.clone(), stop_ckpt.clone(), file_lock.clone());
+            std::thread::Builder::new()
+                .name("checkpoint".into())
+                .spawn(move || checkpoint_loop(&db, CHECKPOINT_EVERY, &stop, &lock))?
+        };
+        let r = self.run_inner(file_lock);
+        stop_ckpt.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = ckpt.join();
         let _ = self.sup.send(SupMsg::Done(
             self.index,
             r.as_ref()
@@ -1127,6 +1138,8 @@ impl BucketFollower {
     fn restore_latest(&self, local: &mut Local) -> Result<Applied> {
         self.stop_app();
         local.applier = None;
+        let lock = local.file_lock.clone();
+        let _held = lock.blocking_lock();
         // The primary's compaction may delete a file between the listing and its download:
         // list again and retry.
         let mut attempt = 0;
@@ -1162,9 +1175,9 @@ impl BucketFollower {
         Ok(local.adopt(a, &e))
     }
 
-    fn run_inner(&self) -> Result<()> {
+    fn run_inner(&self, file_lock: Arc<tokio::sync::Mutex<()>>) -> Result<()> {
         let mut local = Local {
-            file_lock: Arc::new(tokio::sync::Mutex::new(())),
+            file_lock,
             db: self.db.clone(),
             busy: self.busy,
             applier: None,

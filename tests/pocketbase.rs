@@ -71,23 +71,8 @@ fn record_created_on_the_primary_is_read_on_the_replica() {
     fs::create_dir_all(&rdata).unwrap();
     let certs = d.join("certs");
     let c = certs.to_str().unwrap();
-    for args in [
-        vec!["ca", "--dir", c],
-        vec!["server", "--ca-dir", c, "--san", "127.0.0.1"],
-        vec!["client", "--ca-dir", c, "--name", "replica-1"],
-    ] {
-        let o = Command::new(bin())
-            .arg("cert")
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-    }
-    let quic = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    make_certs(&certs, &["127.0.0.1"]);
+    let quic = free_udp_port();
     let (pport, rport) = (free_tcp_port(), free_tcp_port());
 
     // The primary PocketBase, with its superuser.

@@ -348,23 +348,8 @@ fn stream_replica_restores_from_the_bucket() {
     let w = World::new("");
     let certs = w.path("certs");
     let c = certs.to_str().unwrap();
-    for args in [
-        vec!["ca", "--dir", c],
-        vec!["server", "--ca-dir", c, "--san", "127.0.0.1"],
-        vec!["client", "--ca-dir", c, "--name", "replica-1"],
-    ] {
-        let o = Command::new(bin())
-            .arg("cert")
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-    }
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    make_certs(&certs, &["127.0.0.1"]);
+    let port = free_udp_port();
     configure(
         &w,
         &format!(

@@ -46,23 +46,6 @@ impl Default for Opts {
     }
 }
 
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn cert_cmd(args: &[&str]) {
-    let out = Command::new(bin()).arg("cert").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "replited cert {args:?}: {}",
-        stderr(&out)
-    );
-}
-
 impl Cluster {
     fn new(o: Opts) -> Cluster {
         let dir = tempfile::Builder::new()
@@ -75,17 +58,7 @@ impl Cluster {
         }
         let certs = d.join("certs");
         let c = certs.to_str().unwrap();
-        cert_cmd(&["ca", "--dir", c]);
-        cert_cmd(&[
-            "server",
-            "--ca-dir",
-            c,
-            "--san",
-            &o.host,
-            "--san",
-            "localhost",
-        ]);
-        cert_cmd(&["client", "--ca-dir", c, "--name", "replica-1"]);
+        make_certs(&certs, &[&o.host, "localhost"]);
         let port = free_udp_port();
         let pdb = d.join("primary/data.db");
         let rdb = d.join("replica").join(o.replica_name);

@@ -743,3 +743,31 @@ pub fn checkpoint_loop(
         }
     }
 }
+
+/// A [`checkpoint_loop`] on a thread of its own, for one replica database.
+pub struct Checkpointer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// Starts checkpointing `path` every `every`, pausing while `lock` is held.
+    pub fn start(
+        path: &Path,
+        every: Duration,
+        lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    ) -> Result<Checkpointer> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (db, flag) = (path.to_path_buf(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || checkpoint_loop(&db, every, &flag, &lock))?;
+        Ok(Checkpointer { stop, thread })
+    }
+
+    /// Stops it and waits for its thread (at most one interval).
+    pub fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.thread.join();
+    }
+}

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
+/// How often a worker's status line is rebuilt at most.
+pub const STATUS_EVERY: Duration = Duration::from_millis(200);
+
 /// The workers' heartbeats and status lines.
 pub struct Health {
     start: Instant,
@@ -17,6 +20,10 @@ pub struct Health {
     ready: Vec<AtomicBool>,
     told_ready: AtomicBool,
     status: Mutex<Vec<String>>,
+    /// When each worker's status was last set (ms since `start`, 0: never).
+    status_at: Vec<AtomicU64>,
+    /// A service manager listens (`NOTIFY_SOCKET`); otherwise status lines are not even built.
+    enabled: bool,
     stop: AtomicBool,
 }
 
@@ -29,6 +36,8 @@ impl Health {
             ready: (0..n).map(|_| AtomicBool::new(false)).collect(),
             told_ready: AtomicBool::new(false),
             status: Mutex::new(vec![String::from("starting"); n]),
+            status_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
             stop: AtomicBool::new(false),
         })
     }
@@ -44,8 +53,20 @@ impl Health {
         }
     }
 
-    /// What worker `i` is doing (one line, shown by `systemctl status`).
-    pub fn set_status(&self, i: usize, s: String) {
+    /// What worker `i` is doing (one line, shown by `systemctl status`). Workers call this from
+    /// their loops: `line` is only built when a service manager listens, and at most every
+    /// [`STATUS_EVERY`] per worker (the line is sent at most once a second anyway).
+    pub fn set_status(&self, i: usize, line: impl FnOnce() -> String) {
+        let Some(at) = self.status_at.get(i).filter(|_| self.enabled) else {
+            return;
+        };
+        let now = self.now_ms().max(1);
+        let last = at.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < STATUS_EVERY.as_millis() as u64 {
+            return;
+        }
+        at.store(now, Ordering::Relaxed);
+        let s = line();
         if let Some(slot) = self.status.lock().expect("status lock").get_mut(i) {
             *slot = s;
         }
@@ -80,7 +101,7 @@ impl Health {
     /// for a watchdog (`WATCHDOG_USEC`), `WATCHDOG=1` at half its interval — but only while
     /// every worker beat within the interval, so a wedged loop makes systemd restart replited.
     pub fn spawn(self: &Arc<Health>) {
-        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        if !self.enabled {
             return;
         }
         let h = self.clone();

@@ -300,8 +300,7 @@ impl Replicator {
     fn report(&self) {
         if let Some((h, i)) = &self.health {
             h.beat(*i);
-            h.set_status(
-                *i,
+            h.set_status(*i, || {
                 format!(
                     "{}: generation {:016x}, txid {}{}",
                     db_name(&self.db_path),
@@ -312,8 +311,8 @@ impl Replicator {
                     } else {
                         ""
                     }
-                ),
-            );
+                )
+            });
         }
     }
 

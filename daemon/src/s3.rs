@@ -409,27 +409,7 @@ impl Storage for S3Storage {
 
     fn check_writable(&self) -> Result<()> {
         // A listing first: a missing bucket is a 404 there (some stores create buckets on PUT).
-        self.retry("listing", || {
-            REQUESTS.list.fetch_add(1, Relaxed);
-            // One page is enough to prove access (rust-s3's `list` follows continuation
-            // tokens without looking at `IsTruncated`, which can loop forever).
-            self.bucket
-                .list_page(
-                    format!("{}/", self.prefix),
-                    Some("/".into()),
-                    None,
-                    None,
-                    Some(1),
-                )
-                .map(|_| ())
-        })
-        .with_context(|| {
-            format!(
-                "S3 target s3://{}/{} cannot be used",
-                self.bucket.name(),
-                self.prefix
-            )
-        })?;
+        self.check_readable()?;
         let probe = format!("{}/.replited-probe", self.prefix);
         self.retry("writing a probe object", || {
             REQUESTS.put.fetch_add(1, Relaxed);

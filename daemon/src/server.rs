@@ -52,8 +52,6 @@ struct HubState {
     pos: Option<(Pos, u64)>,
     recent: VecDeque<Arc<Txn>>,
     recent_bytes: usize,
-    /// Replicas connected, by peer: last acknowledged txid and lag.
-    replicas: HashMap<String, (u64, u64)>,
 }
 
 /// One database's feed of durable transactions, shared by its capture thread and the sessions
@@ -158,15 +156,6 @@ impl Hub {
     fn position(&self) -> (u32, Option<(Pos, u64)>) {
         let st = self.state.lock().expect("hub lock");
         (st.page_size, st.pos)
-    }
-
-    /// The last acknowledged txid and lag (ms) of each connected replica.
-    pub fn replicas(&self) -> Vec<(String, u64, u64)> {
-        let st = self.state.lock().expect("hub lock");
-        st.replicas
-            .iter()
-            .map(|(k, (t, l))| (k.clone(), *t, *l))
-            .collect()
     }
 
     /// The transactions after `after` from memory, when memory reaches back that far.
@@ -595,9 +584,7 @@ async fn serve(
     let mut rx = hub.changed.subscribe();
     s.handle_message(now_ms(), first);
     let mut buf = Vec::new();
-    let r = session_loop(&mut s, &mut fs, &hub, &mut rx, &mut buf, peer).await;
-    hub.state.lock().expect("hub lock").replicas.remove(peer);
-    r
+    session_loop(&mut s, &mut fs, &hub, &mut rx, &mut buf, peer).await
 }
 
 async fn session_loop(
@@ -643,11 +630,6 @@ async fn session_loop(
                 PrimaryEvent::NeedSnapshot => stream_snapshot(s, fs, hub, buf, peer).await?,
                 PrimaryEvent::Acked { txid, lag } => {
                     tracing::trace!(db = %hub.name(), peer = %peer, txid, lag_ms = lag.ms, "ack");
-                    hub.state
-                        .lock()
-                        .expect("hub lock")
-                        .replicas
-                        .insert(peer.to_string(), (txid, lag.ms));
                 }
                 PrimaryEvent::Error(e) => {
                     tracing::info!(db = %hub.name(), peer = %peer, "replica session: {e}");

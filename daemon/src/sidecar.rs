@@ -30,11 +30,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use replited_core::hash::{page_hash, DbHashes};
 use replited_core::pos::Pos;
-use replited_core::proto::{ErrorCode, ProtoError};
+use replited_core::proto::{ErrorCode, ProtoError, Txn};
 use replited_core::replica::{Applied, Replica, ReplicaConfig, ReplicaEvent, ReplicaState};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::apply::{checkpoint_loop, stamp_of, Applier, ApplyError, Page1Stamp};
+use crate::apply::{stamp_of, Applier, ApplyError, Checkpointer, Page1Stamp};
 use crate::config::{db_name, Config, StreamParams};
 use crate::replicate::now_ms;
 use crate::restore::{install, remove_db_files, restore, temp_path, RestoreOptions};
@@ -428,7 +428,7 @@ enum End {
 /// The local side of one database: the applier, the position file and a snapshot being
 /// received.
 struct Local {
-    /// Held while the database file is replaced (see [`checkpoint_loop`]).
+    /// Held while the database file is replaced (see [`crate::apply::checkpoint_loop`]).
     file_lock: Arc<tokio::sync::Mutex<()>>,
     db: PathBuf,
     busy: Duration,
@@ -452,17 +452,10 @@ impl Follower {
 
     async fn run_inner(&self) -> Result<()> {
         // Checkpoints run beside the applier, never in its way.
-        let stop_ckpt = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let file_lock = Arc::new(tokio::sync::Mutex::new(()));
-        let ckpt = {
-            let (db, stop, lock) = (self.db.clone(), stop_ckpt.clone(), file_lock.clone());
-            std::thread::Builder::new()
-                .name(format!("checkpoint {}", self.name))
-                .spawn(move || checkpoint_loop(&db, CHECKPOINT_EVERY, &stop, &lock))?
-        };
+        let ckpt = Checkpointer::start(&self.db, CHECKPOINT_EVERY, file_lock.clone())?;
         let r = self.follow(file_lock).await;
-        stop_ckpt.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = tokio::task::spawn_blocking(move || ckpt.join()).await;
+        let _ = tokio::task::spawn_blocking(move || ckpt.stop()).await;
         r
     }
 
@@ -510,10 +503,9 @@ impl Follower {
                 return Ok(());
             }
             self.health.beat(self.index);
-            self.health.set_status(
-                self.index,
-                format!("{}: connecting to the primary at {}", self.name, self.addr),
-            );
+            self.health.set_status(self.index, || {
+                format!("{}: connecting to the primary at {}", self.name, self.addr)
+            });
             let conn = tokio::select! {
                 c = transport::connect(&endpoint, &host, port, &self.tls.server_name) => c,
                 _ = stop.wait_for(|s| *s) => return Ok(()),
@@ -617,9 +609,8 @@ impl Follower {
                 _ => caught_up_said = false,
             }
             self.health.beat(self.index);
-            self.health.set_status(
-                self.index,
-                match replica.state() {
+            self.health
+                .set_status(self.index, || match replica.state() {
                     ReplicaState::Streaming => format!(
                         "{}: streaming at txid {}, lag {} ms",
                         self.name,
@@ -633,8 +624,7 @@ impl Follower {
                     ),
                     ReplicaState::Restoring { .. } => format!("{}: restoring", self.name),
                     _ => format!("{}: connecting", self.name),
-                },
-            );
+                });
             let wake = replica.poll_timeout().unwrap_or(now_ms() + 1000);
             let sleep = Duration::from_millis(wake.saturating_sub(now_ms()));
             tokio::select! {
@@ -682,57 +672,26 @@ impl Follower {
         match ev {
             ReplicaEvent::Apply { txn } => {
                 let txid = txn.header.txid;
-                let Some(a) = local.applier.as_mut() else {
-                    bail!("transaction {txid} arrived with no database to apply it to");
-                };
-                let before = Entry {
-                    generation: txn.generation,
-                    txid: a.applied_txid().unwrap_or(0),
-                    checksum: a.checksum(),
-                    stamp: a.stamp(),
-                };
-                let stamp = match txn.pages.first() {
-                    Some((1, p)) => stamp_of(p),
-                    _ => before.stamp,
-                };
-                let after = Entry {
-                    generation: txn.generation,
-                    txid,
-                    checksum: txn.header.db_checksum,
-                    stamp,
-                };
-                local.position.write(&after, Some(&before))?;
-                match a.apply(
-                    txid,
-                    txn.header.db_pages,
-                    txn.header.db_checksum,
-                    &txn.pages,
-                ) {
-                    Ok(ck) => {
+                match local.apply_txn(&txn)? {
+                    Ok((ck, schema_changed)) => {
                         replica.handle_applied(now_ms(), txid, ck);
-                        let cookie = a.schema_cookie();
-                        if local.schema_cookie.is_some_and(|c| c != cookie) {
+                        if schema_changed {
                             tracing::info!(db = %db, txid, "the primary changed the schema");
                             let _ = self.sup.send(SupMsg::SchemaChanged);
                         }
-                        local.schema_cookie = Some(cookie);
                     }
-                    Err(e) => {
-                        local.position.write(&before, None)?;
-                        match e {
-                            ApplyError::ChecksumMismatch { actual, .. } => {
-                                tracing::error!(db = %db, "{e}");
-                                replica.handle_applied(now_ms(), txid, actual);
-                            }
-                            ApplyError::LocalWrite { .. } => {
-                                tracing::warn!(db = %db, "{e}");
-                                replica.local_write_detected(now_ms());
-                            }
-                            // Nothing was applied; the primary resends it on the next
-                            // connection.
-                            e => return Err(e.into()),
+                    Err(e) => match e {
+                        ApplyError::ChecksumMismatch { actual, .. } => {
+                            tracing::error!(db = %db, "{e}");
+                            replica.handle_applied(now_ms(), txid, actual);
                         }
-                    }
+                        ApplyError::LocalWrite { .. } => {
+                            tracing::warn!(db = %db, "{e}");
+                            replica.local_write_detected(now_ms());
+                        }
+                        // Nothing was applied; the primary resends it on the next connection.
+                        e => return Err(e.into()),
+                    },
                 }
             }
             ReplicaEvent::Rebuild { reason } => {
@@ -815,6 +774,50 @@ impl Local {
             e.txid,
             e.checksum
         )
+    }
+
+    /// Applies one primary transaction as one SQLite transaction. The position file names it
+    /// before the commit (and names the state before it again if it is refused), so after a
+    /// crash the database matches one of its two entries. Ok((checksum, the schema changed)),
+    /// or why it was refused; the outer error is the position file's.
+    fn apply_txn(&mut self, txn: &Txn) -> Result<Result<(u64, bool), ApplyError>> {
+        let txid = txn.header.txid;
+        let Some(a) = self.applier.as_mut() else {
+            bail!("transaction {txid} arrived with no database to apply it to");
+        };
+        let before = Entry {
+            generation: txn.generation,
+            txid: a.applied_txid().unwrap_or(0),
+            checksum: a.checksum(),
+            stamp: a.stamp(),
+        };
+        let after = Entry {
+            generation: txn.generation,
+            txid,
+            checksum: txn.header.db_checksum,
+            stamp: match txn.pages.first() {
+                Some((1, p)) => stamp_of(p),
+                _ => before.stamp,
+            },
+        };
+        self.position.write(&after, Some(&before))?;
+        match a.apply(
+            txid,
+            txn.header.db_pages,
+            txn.header.db_checksum,
+            &txn.pages,
+        ) {
+            Ok(ck) => {
+                let cookie = a.schema_cookie();
+                let changed = self.schema_cookie.is_some_and(|c| c != cookie);
+                self.schema_cookie = Some(cookie);
+                Ok(Ok((ck, changed)))
+            }
+            Err(e) => {
+                self.position.write(&before, None)?;
+                Ok(Err(e))
+            }
+        }
     }
 
     fn adopt(&mut self, mut a: Applier, e: &Entry) -> Applied {
@@ -1098,17 +1101,10 @@ struct BucketFollower {
 impl BucketFollower {
     fn run(self) -> Result<()> {
         // As for a streamed replica: checkpoints on a connection of their own.
-        let stop_ckpt = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let file_lock = Arc::new(tokio::sync::Mutex::new(()));
-        let ckpt = {
-            let (db, stop, lock) = (self.db.clone(), stop_ckpt.clone(), file_lock.clone());
-            std::thread::Builder::new()
-                .name("checkpoint".into())
-                .spawn(move || checkpoint_loop(&db, CHECKPOINT_EVERY, &stop, &lock))?
-        };
+        let ckpt = Checkpointer::start(&self.db, CHECKPOINT_EVERY, file_lock.clone())?;
         let r = self.run_inner(file_lock);
-        stop_ckpt.store(true, std::sync::atomic::Ordering::SeqCst);
-        let _ = ckpt.join();
+        ckpt.stop();
         let _ = self.sup.send(SupMsg::Done(
             self.index,
             r.as_ref()
@@ -1279,10 +1275,9 @@ impl BucketFollower {
                 }
             }
             self.health.beat(self.index);
-            self.health.set_status(
-                self.index,
-                format!("following the bucket at txid {}", applied.pos.txid),
-            );
+            self.health.set_status(self.index, || {
+                format!("following the bucket at txid {}", applied.pos.txid)
+            });
             let until = Instant::now() + BUCKET_POLL;
             while Instant::now() < until {
                 if self.stopped() {
@@ -1312,40 +1307,13 @@ impl BucketFollower {
                 return Ok(!newer);
             }
             for t in txns {
-                let a = local.applier.as_mut().expect("open");
-                let txid = t.header.txid;
-                let before = Entry {
-                    generation: t.generation,
-                    txid: applied.pos.txid,
-                    checksum: a.checksum(),
-                    stamp: a.stamp(),
+                let (ck, schema_changed) = local.apply_txn(&t)??;
+                *applied = Applied {
+                    pos: t.pos(),
+                    db_checksum: ck,
                 };
-                let after = Entry {
-                    generation: t.generation,
-                    txid,
-                    checksum: t.header.db_checksum,
-                    stamp: match t.pages.first() {
-                        Some((1, p)) => stamp_of(p),
-                        _ => before.stamp,
-                    },
-                };
-                local.position.write(&after, Some(&before))?;
-                match a.apply(txid, t.header.db_pages, t.header.db_checksum, &t.pages) {
-                    Ok(ck) => {
-                        *applied = Applied {
-                            pos: t.pos(),
-                            db_checksum: ck,
-                        };
-                        let cookie = a.schema_cookie();
-                        if local.schema_cookie.is_some_and(|c| c != cookie) {
-                            let _ = self.sup.send(SupMsg::SchemaChanged);
-                        }
-                        local.schema_cookie = Some(cookie);
-                    }
-                    Err(e) => {
-                        local.position.write(&before, None)?;
-                        return Err(e.into());
-                    }
+                if schema_changed {
+                    let _ = self.sup.send(SupMsg::SchemaChanged);
                 }
             }
         }

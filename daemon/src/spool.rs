@@ -13,7 +13,7 @@
 //! or a stop while the store was down) are queued again at start.
 
 use std::collections::VecDeque;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use replited_core::format::Kind;
 use replited_core::name::FileMeta;
 
-use crate::storage::{sync_dir, ObjectWriter, Storage};
+use crate::storage::{FsStorage, ObjectWriter, Storage};
 
 /// Default bound on the bytes waiting in a spool.
 pub const DEFAULT_LIMIT: u64 = 1 << 30;
@@ -55,6 +55,8 @@ struct Shared {
 pub struct SpoolStorage {
     inner: Arc<dyn Storage>,
     dir: PathBuf,
+    /// The spool directory, laid out and written like any local target.
+    local: FsStorage,
     limit: u64,
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -86,6 +88,7 @@ impl SpoolStorage {
         };
         SpoolStorage {
             inner,
+            local: FsStorage::at(dir.clone()),
             dir,
             limit,
             shared,
@@ -95,11 +98,6 @@ impl SpoolStorage {
 
     fn path(&self, meta: &FileMeta) -> PathBuf {
         self.dir.join(meta.path())
-    }
-
-    /// Bytes waiting for upload.
-    pub fn waiting(&self) -> u64 {
-        self.shared.q.lock().expect("spool lock").bytes
     }
 
     /// Files left in the spool directory: queued again, oldest first.
@@ -299,43 +297,36 @@ fn now_micros() -> u64 {
         .unwrap_or(1)
 }
 
+/// A file written to the spool directory (atomically and durably, as in any local
+/// directory), queued for upload once committed.
 struct SpoolWriter {
-    file: File,
-    tmp: PathBuf,
-    dst: PathBuf,
+    local: Box<dyn ObjectWriter>,
+    path: PathBuf,
     meta: FileMeta,
     shared: Arc<Shared>,
 }
 
 impl Write for SpoolWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write(buf)
+        self.local.write(buf)
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.file.write_all(buf)
+        self.local.write_all(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.local.flush()
     }
 }
 
 impl ObjectWriter for SpoolWriter {
     fn commit(self: Box<Self>) -> io::Result<()> {
-        self.file.sync_data()?;
-        let len = self.file.metadata()?.len();
-        fs::rename(&self.tmp, &self.dst)?;
-        sync_dir(self.dst.parent().expect("spool path has a parent"))?;
+        self.local.commit()?;
+        let len = fs::metadata(&self.path)?.len();
         let mut q = self.shared.q.lock().expect("spool lock");
         q.bytes += len;
         q.jobs.push_back(Job::Upload(self.meta, len));
         self.shared.cv.notify_all();
         Ok(())
-    }
-}
-
-impl Drop for SpoolWriter {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.tmp);
     }
 }
 
@@ -394,20 +385,9 @@ impl Storage for SpoolStorage {
                 );
             }
         }
-        let dst = self.path(meta);
-        let parent = dst.parent().expect("spool path has a parent");
-        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        let tmp = dst.with_extension("tmp");
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
         Ok(Box::new(SpoolWriter {
-            file,
-            tmp,
-            dst,
+            local: self.local.create(meta)?,
+            path: self.path(meta),
             meta: *meta,
             shared: self.shared.clone(),
         }))

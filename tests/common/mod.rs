@@ -326,3 +326,34 @@ impl Drop for NotifyListener {
         let _ = self.child.wait();
     }
 }
+
+/// A development CA and certificates made with `replited cert` in `dir`: `ca.pem`, the
+/// primary's `primary.pem` for `sans`, and the client certificate `replica-1.pem`.
+pub fn make_certs(dir: &Path, sans: &[&str]) {
+    let c = dir.to_str().unwrap();
+    let mut server = vec!["server", "--ca-dir", c];
+    for s in sans {
+        server.extend(["--san", s]);
+    }
+    for args in [
+        vec!["ca", "--dir", c],
+        server,
+        vec!["client", "--ca-dir", c, "--name", "replica-1"],
+    ] {
+        let o = Command::new(bin())
+            .arg("cert")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "replited cert {args:?}: {}", stderr(&o));
+    }
+}
+
+/// A UDP port free on 127.0.0.1 at the time of asking.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -8,8 +8,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use replited_core::plan::Target;
 
-use crate::config::{db_name, Config, DEFAULT_CONFIG_PATH};
-use crate::replicate::{preflight, targets, wait_for_db, Replicator};
+use crate::config::{db_name, Config, Role, DEFAULT_CONFIG_PATH};
+use crate::replicate::{preflight, targets, wait_for_db, ReloadSlot, Replicator};
 use crate::restore::{restore, RestoreOptions};
 use crate::server::{Hub, Servers};
 use crate::shutdown::Shutdown;
@@ -35,6 +35,13 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the role the config declares (`role = "primary"`, the default, or `"replica"`): what
+    /// `replited@NAME.service` starts.
+    Run {
+        /// How the WAL is read (primary): io_uring when available (auto), or forced.
+        #[arg(long = "io", value_enum, default_value = "auto", env = "REPLITED_IO")]
+        io: IoBackend,
+    },
     /// Capture every committed transaction of each configured database and store it in its
     /// targets, until SIGTERM/SIGINT (then everything captured is written out and it exits 0).
     Replicate {
@@ -86,10 +93,16 @@ pub enum Command {
         /// around a rebuild, sent SIGTERM when replited stops).
         #[arg(long)]
         exec: Option<String>,
-        /// Restart the app (--exec) when the primary changes the schema (PocketBase caches its
-        /// collections).
-        #[arg(long, requires = "exec")]
+        /// Restart the app when the primary changes the schema (PocketBase caches its
+        /// collections): the --exec child, or with --exit-on-rebuild the app's unit.
+        #[arg(long)]
         restart_on_schema_change: bool,
+        /// systemd-unit mode, for an app running as its own unit bound to replited's
+        /// (pocketbase@.service): a rebuild makes replited exit with status 75 after marking
+        /// the database for a restore, so systemd stops the app, restarts replited (which
+        /// restores before READY=1) and starts the app again.
+        #[arg(long, conflicts_with = "exec")]
+        exit_on_rebuild: bool,
     },
     /// Make a development CA and the certificates of the stream transport (TLS is always on).
     Cert {
@@ -149,7 +162,11 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // The logger may not be up yet (config errors): print plainly.
             eprintln!("replited: error: {e:#}");
-            ExitCode::FAILURE
+            if crate::sidecar::EXITING_FOR_REBUILD.load(std::sync::atomic::Ordering::SeqCst) {
+                ExitCode::from(crate::sidecar::EXIT_REBUILD)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -168,12 +185,25 @@ fn init_logging(level: &str) -> Option<LevelHandle> {
     let fixed = from_env.is_some();
     let (filter, handle) =
         tracing_subscriber::reload::Layer::new(from_env.unwrap_or_else(|| filter_for(level)));
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false);
+    // Under systemd with stderr going to the journal: native journal entries, with each
+    // event's and span's fields as journal fields (DB, TXID, GENERATION, PEER, LAG_MS …) and
+    // levels as priorities. Otherwise plain lines on stderr.
+    let journald = stderr_is_journal()
+        .then(|| tracing_journald::layer().ok())
+        .flatten()
+        .map(|l| {
+            l.with_field_prefix(None)
+                .with_syslog_identifier("replited".into())
+        });
+    let fmt = journald.is_none().then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false)
+    });
     tracing_subscriber::registry()
         .with(filter)
+        .with(journald)
         .with(fmt)
         .try_init()
         .ok()
@@ -181,9 +211,32 @@ fn init_logging(level: &str) -> Option<LevelHandle> {
         .map(|_| handle)
 }
 
-/// SIGHUP: reads the config again and applies what can change without a restart (the log
-/// level), telling systemd `RELOADING=1` (with `MONOTONIC_USEC`) and `READY=1` around it. A
-/// config that no longer loads is reported and the running one kept.
+/// systemd's `JOURNAL_STREAM` (`DEVICE:INODE`) names stderr: the service's output goes to the
+/// journal, so log to it natively.
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+/// What a running command applies of a reloaded config (beyond the log level), returning a
+/// line per change for the log.
+type OnReload = Box<dyn Fn(&Config) -> Vec<String> + Send>;
+
+static ON_RELOAD: std::sync::Mutex<Option<OnReload>> = std::sync::Mutex::new(None);
+
+/// SIGHUP: reads the config again and applies it without a restart — the log level at once,
+/// and on a primary each database's intervals and storage targets (by its capture loop, after
+/// writing out what it captured) — telling systemd `RELOADING=1` (with `MONOTONIC_USEC`) and
+/// `READY=1` around it. A config that no longer loads is reported and the running one kept.
 fn reload_on_sighup(path: PathBuf, cli_level: Option<String>, handle: Option<LevelHandle>) {
     let Ok(mut signals) = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP]) else {
         return;
@@ -203,30 +256,100 @@ fn reload_on_sighup(path: PathBuf, cli_level: Option<String>, handle: Option<Lev
                         if let Some(h) = &handle {
                             let _ = h.reload(filter_for(&level));
                         }
+                        let notes = match &*ON_RELOAD.lock().unwrap_or_else(|e| e.into_inner()) {
+                            Some(apply) => apply(&cfg),
+                            None => {
+                                vec!["other changes take effect at the next restart".to_string()]
+                            }
+                        };
                         tracing::info!(
-                            "reloaded {}: log level {level} (other changes take effect at the next restart)",
-                            path.display()
+                            "reloaded {}: log level {level}; {}",
+                            path.display(),
+                            notes.join("; ")
                         );
                     }
-                    Err(e) => tracing::error!(
-                        "reload failed, keeping the running configuration: {e}"
-                    ),
+                    Err(e) => {
+                        tracing::error!("reload failed, keeping the running configuration: {e}")
+                    }
                 }
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }
         });
 }
 
+/// The primary's part of a reload: each running database's new settings go to its capture
+/// loop; what needs a restart is said so.
+fn primary_reload(running: &Config, slots: Vec<(PathBuf, Arc<ReloadSlot>)>) -> OnReload {
+    let (http, dbs) = (running.http.clone(), running.databases.clone());
+    Box::new(move |new: &Config| {
+        let mut notes = Vec::new();
+        for (db, slot) in &slots {
+            match new.databases.iter().find(|d| &d.db == db) {
+                Some(d) => match slot.request(d.clone(), RELOAD_WAIT) {
+                    Ok(what) => notes.push(format!("{}: {what}", db.display())),
+                    Err(e) => notes.push(format!("{}: not reloaded: {e}", db.display())),
+                },
+                None => notes.push(format!(
+                    "{}: no longer configured, but captured until the next restart",
+                    db.display()
+                )),
+            }
+        }
+        for d in &new.databases {
+            if !dbs.iter().any(|o| o.db == d.db) {
+                notes.push(format!(
+                    "{}: new, captured from the next restart",
+                    d.db.display()
+                ));
+            }
+        }
+        if new.http.addr != http.addr {
+            notes.push("[http] changes take effect at the next restart".into());
+        }
+        notes
+    })
+}
+
+/// How long a reload waits for a capture loop to take its new settings.
+const RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What every command shares.
+struct Common {
+    config: PathBuf,
+    log_level: Option<String>,
+}
+
 fn run(cli: Cli) -> Result<()> {
+    let common = Common {
+        config: cli.config.clone(),
+        log_level: cli.log_level.clone(),
+    };
     match cli.command {
+        Command::Run { io } => {
+            let cfg = Config::load(&cli.config)?;
+            match cfg.role.unwrap_or(Role::Primary) {
+                Role::Primary => start_primary(&common, cfg, io),
+                Role::Replica => start_replica(
+                    &common,
+                    cfg,
+                    crate::sidecar::SidecarOptions {
+                        force_restore: false,
+                        exec: None,
+                        restart_on_schema_change: false,
+                        exit_on_rebuild: false,
+                    },
+                ),
+            }
+        }
         Command::Replicate { io } => {
             let cfg = Config::load(&cli.config)?;
-            let handle = init_logging(cli.log_level.as_deref().unwrap_or(&cfg.log.level));
-            reload_on_sighup(cli.config.clone(), cli.log_level.clone(), handle);
-            if let Some(dir) = &cfg.log.dir {
-                tracing::warn!("[log] dir = {dir:?} is ignored: replited logs to stderr (the journal under systemd)");
+            if cfg.role == Some(Role::Replica) {
+                bail!(
+                    "{} declares role = \"replica\": run it with `replited run` or `replited replica-sidecar`",
+                    cfg.path.display()
+                );
             }
-            replicate(cfg, io)
+            start_primary(&common, cfg, io)
         }
         Command::Restore {
             source,
@@ -295,16 +418,23 @@ fn run(cli: Cli) -> Result<()> {
             force_restore,
             exec,
             restart_on_schema_change,
+            exit_on_rebuild,
         } => {
             let cfg = Config::load(&cli.config)?;
-            let handle = init_logging(cli.log_level.as_deref().unwrap_or(&cfg.log.level));
-            reload_on_sighup(cli.config.clone(), cli.log_level.clone(), handle);
-            crate::sidecar::run(
+            if cfg.role == Some(Role::Primary) {
+                bail!(
+                    "{} declares role = \"primary\": run it with `replited run` or `replited replicate`",
+                    cfg.path.display()
+                );
+            }
+            start_replica(
+                &common,
                 cfg,
                 crate::sidecar::SidecarOptions {
                     force_restore,
                     exec,
                     restart_on_schema_change,
+                    exit_on_rebuild,
                 },
             )
         }
@@ -313,6 +443,42 @@ fn run(cli: Cli) -> Result<()> {
             cert(what)
         }
     }
+}
+
+fn start_primary(cli: &Common, cfg: Config, io: IoBackend) -> Result<()> {
+    let handle = init_logging(cli.log_level.as_deref().unwrap_or(&cfg.log.level));
+    reload_on_sighup(cli.config.clone(), cli.log_level.clone(), handle);
+    if let Some(dir) = &cfg.log.dir {
+        tracing::warn!(
+            "[log] dir = {dir:?} is ignored: replited logs to stderr (the journal under systemd)"
+        );
+    }
+    replicate(cfg, io)
+}
+
+/// A replica; the flags of `replica-sidecar` win over `[replica]`.
+fn start_replica(cli: &Common, cfg: Config, flags: crate::sidecar::SidecarOptions) -> Result<()> {
+    let handle = init_logging(cli.log_level.as_deref().unwrap_or(&cfg.log.level));
+    reload_on_sighup(cli.config.clone(), cli.log_level.clone(), handle);
+    let r = &cfg.replica;
+    let opts = crate::sidecar::SidecarOptions {
+        force_restore: flags.force_restore,
+        exit_on_rebuild: flags.exit_on_rebuild || (flags.exec.is_none() && r.exit_on_rebuild),
+        restart_on_schema_change: flags.restart_on_schema_change || r.restart_on_schema_change,
+        exec: flags.exec.or_else(|| r.exec.clone()),
+    };
+    if opts.exec.is_some() && opts.exit_on_rebuild {
+        bail!(
+            "{}: [replica] exit-on-rebuild is for an app run as its own unit; it cannot go with exec",
+            cfg.path.display()
+        );
+    }
+    if opts.restart_on_schema_change && opts.exec.is_none() && !opts.exit_on_rebuild {
+        bail!(
+            "restart-on-schema-change needs the app: --exec (or [replica] exec), or --exit-on-rebuild (or [replica] exit-on-rebuild) for an app run as its own unit"
+        );
+    }
+    crate::sidecar::run(cfg, opts)
 }
 
 fn cert(what: CertCommand) -> Result<()> {
@@ -356,12 +522,23 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
         }
     }
     let servers = Servers::start(hubs.clone()).with_context(|| cfg.path.display().to_string())?;
-    let health = crate::notify::Health::new(cfg.databases.len());
+    let health = crate::notify::Health::new(
+        Role::Primary,
+        cfg.databases
+            .iter()
+            .map(|d| d.db.display().to_string())
+            .collect(),
+    );
+    crate::http::start(&cfg.http, health.clone())
+        .with_context(|| cfg.path.display().to_string())?;
     health.spawn();
     let mut handles = Vec::new();
+    let mut slots = Vec::new();
     for (index, d) in cfg.databases.iter().cloned().enumerate() {
         let sd = shutdown.clone();
         let health = health.clone();
+        let slot = ReloadSlot::new()?;
+        slots.push((d.db.clone(), slot.clone()));
         let name = db_name(&d.db);
         let hub = hubs
             .iter()
@@ -373,11 +550,12 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
                 .name(format!("capture {name}"))
                 .spawn(move || {
                     let r = (|| {
-                        if !wait_for_db(&d.db, &sd)? {
+                        if !wait_for_db(&d.db, &sd, Some((&health, index)))? {
                             return Ok(());
                         }
                         let mut r = Replicator::open(d, io)?;
                         r.set_health(health, index);
+                        r.set_reload(slot);
                         if let Some(h) = hub {
                             r.set_hub(h);
                         }
@@ -392,6 +570,7 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
                 })?,
         ));
     }
+    *ON_RELOAD.lock().unwrap_or_else(|e| e.into_inner()) = Some(primary_reload(&cfg, slots));
     let mut failed = None;
     let stopping = {
         let (sd, health) = (shutdown.clone(), health.clone());

@@ -36,8 +36,74 @@ pub struct Config {
     pub path: PathBuf,
     /// `[log]`.
     pub log: LogConfig,
+    /// `role`: what `replited run` (and so `replited@NAME.service`) runs; `None` when the file
+    /// does not say (then `run` is a primary).
+    pub role: Option<Role>,
+    /// `[replica]`: how a replica runs (role = "replica" only).
+    pub replica: ReplicaOptions,
+    /// `[http]`: the status server.
+    pub http: HttpConfig,
     /// `[[database]]`, at least one.
     pub databases: Vec<DbConfig>,
+}
+
+/// `role`: the primary captures and serves; a replica follows a primary or a bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `replited replicate`.
+    Primary,
+    /// `replited replica-sidecar`.
+    Replica,
+}
+
+impl Role {
+    /// As written in the config and shown in status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+fn de_role<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Role>, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.to_ascii_lowercase().as_str() {
+        "primary" => Ok(Some(Role::Primary)),
+        "replica" => Ok(Some(Role::Replica)),
+        _ => Err(de::Error::custom(format!(
+            "invalid role \"{s}\"; expected \"primary\" or \"replica\""
+        ))),
+    }
+}
+
+/// `[replica]`: what `replica-sidecar`'s flags say, for a replica started by `replited run`
+/// (the flags, when given, win).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ReplicaOptions {
+    /// The app to run once caught up (`--exec`).
+    #[serde(default)]
+    pub exec: Option<String>,
+    /// Restart the app when the primary changes the schema (`--restart-on-schema-change`).
+    #[serde(default, alias = "restart_on_schema_change")]
+    pub restart_on_schema_change: bool,
+    /// systemd-unit mode (`--exit-on-rebuild`): the app runs as its own unit bound to
+    /// replited's; a rebuild (and, with `restart-on-schema-change`, a schema change) makes
+    /// replited exit with status 75 for systemd to stop the app, restart replited and start the
+    /// app again.
+    #[serde(default, alias = "exit_on_rebuild")]
+    pub exit_on_rebuild: bool,
+}
+
+/// `[http]`: the status server (`/health`, `/status`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HttpConfig {
+    /// `HOST:PORT` to listen on (TCP); none by default. A socket systemd passes (named `http`)
+    /// is used instead.
+    #[serde(default)]
+    pub addr: Option<String>,
 }
 
 /// `[log]`.
@@ -66,7 +132,7 @@ fn default_log_level() -> String {
 }
 
 /// One `[[database]]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DbConfig {
     /// Path of the SQLite database file.
@@ -185,7 +251,7 @@ mod defaults {
 }
 
 /// One `[[database.replicate]]`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ReplicateConfig {
     /// Unique within its database.
     pub name: String,
@@ -194,7 +260,7 @@ pub struct ReplicateConfig {
 }
 
 /// `params` of a `[[database.replicate]]`, by `params.type`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum TargetParams {
     /// `type = "fs"`: a local directory.
     Fs(FsParams),
@@ -207,7 +273,7 @@ pub enum TargetParams {
 
 /// `type = "s3"`. Credentials and region fall back to `AWS_ACCESS_KEY_ID`,
 /// `AWS_SECRET_ACCESS_KEY` and `AWS_REGION` when absent.
-#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct S3Params {
     /// The bucket.
@@ -244,7 +310,7 @@ pub struct S3Params {
 /// `type = "stream"`. Which keys are needed depends on the role: the primary's stream server
 /// needs `tls-cert` and `tls-key` (and `tls-client-ca` to require client certificates); a
 /// replica needs `tls-ca` (and `tls-cert`/`tls-key` when the primary requires them).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct StreamParams {
     /// `quic://HOST:PORT` or `http://HOST:PORT`: where the primary listens (primary: the
@@ -268,7 +334,7 @@ pub struct StreamParams {
 }
 
 /// `type = "fs"`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FsParams {
     /// The directory under which each database gets a directory named after its file.
@@ -340,6 +406,12 @@ impl<'de> Deserialize<'de> for ReplicateConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    #[serde(default, deserialize_with = "de_role")]
+    role: Option<Role>,
+    #[serde(default)]
+    replica: Option<ReplicaOptions>,
+    #[serde(default)]
+    http: HttpConfig,
     #[serde(default)]
     log: LogConfig,
     #[serde(default)]
@@ -475,9 +547,27 @@ impl Config {
                 )));
             }
         }
+        if raw.replica.is_some() && raw.role != Some(Role::Replica) {
+            return Err(ConfigError(format!(
+                "{p}: [replica] is set but role is not \"replica\": add `role = \"replica\"` at the top of the file, or remove [replica]"
+            )));
+        }
+        if let Some(a) = &raw.http.addr {
+            if !a
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok())
+            {
+                return Err(ConfigError(format!(
+                    "{p}: http.addr = \"{a}\": expected HOST:PORT, e.g. \"127.0.0.1:9090\""
+                )));
+            }
+        }
         Ok(Config {
             path: path.to_path_buf(),
             log: raw.log,
+            role: raw.role,
+            replica: raw.replica.unwrap_or_default(),
+            http: raw.http,
             databases: raw.database,
         })
     }

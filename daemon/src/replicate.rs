@@ -25,10 +25,12 @@
 //! restarted meanwhile but the database is unchanged, the history simply continues; otherwise a
 //! new generation starts with a fresh snapshot. Nothing is lost either way.
 
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -43,7 +45,7 @@ use replited_core::scan::{Frame, PageRef, WalPos, WalScanner, WalTxn};
 use replited_core::wal::{FrameHeader, WalHeader, FRAME_HEADER_LEN, WAL_HEADER_LEN};
 use rusqlite::Connection;
 
-use crate::config::{db_name, Compression, DbConfig, TargetParams};
+use crate::config::{db_name, Compression, DbConfig, ReplicateConfig, TargetParams};
 use crate::reader::{decode_file, read_header};
 use crate::s3::S3Storage;
 use crate::server::Hub;
@@ -82,37 +84,90 @@ fn capture_targets(cfg: &DbConfig) -> Result<Vec<Target>> {
 }
 
 fn build_targets(cfg: &DbConfig, spool: bool) -> Result<Vec<Target>> {
-    let name = db_name(&cfg.db);
     let mut out = Vec::new();
     for r in &cfg.replicate {
-        let storage = match &r.params {
-            TargetParams::Fs(p) => Box::new(FsStorage::new(&p.root, &name)) as Box<dyn Storage>,
-            // Temporary files (unnamed) go beside the database.
-            TargetParams::S3(p) => {
-                let s3 = S3Storage::new(p, &name, parent_dir(&cfg.db))
-                    .with_context(|| format!("replicate \"{}\"", r.name))?;
-                if spool {
-                    let dir = p.spool_dir.clone().unwrap_or_else(|| {
-                        parent_dir(&cfg.db)
-                            .join(format!(".{name}-replited-spool"))
-                            .join(&r.name)
-                    });
-                    let limit = p
-                        .spool_limit_mb
-                        .map_or(crate::spool::DEFAULT_LIMIT, |mb| mb << 20);
-                    Box::new(SpoolStorage::new(Box::new(s3), dir, limit)?) as Box<dyn Storage>
-                } else {
-                    Box::new(s3)
-                }
-            }
-            TargetParams::Stream(_) => continue,
-        };
-        out.push(Target {
-            name: r.name.clone(),
-            storage,
-        });
+        out.extend(build_target(cfg, r, spool)?);
     }
     Ok(out)
+}
+
+/// One storage target (None for a stream server).
+fn build_target(cfg: &DbConfig, r: &ReplicateConfig, spool: bool) -> Result<Option<Target>> {
+    let name = db_name(&cfg.db);
+    let storage = match &r.params {
+        TargetParams::Fs(p) => Box::new(FsStorage::new(&p.root, &name)) as Box<dyn Storage>,
+        // Temporary files (unnamed) go beside the database.
+        TargetParams::S3(p) => {
+            let s3 = S3Storage::new(p, &name, parent_dir(&cfg.db))
+                .with_context(|| format!("replicate \"{}\"", r.name))?;
+            if spool {
+                let dir = p.spool_dir.clone().unwrap_or_else(|| {
+                    parent_dir(&cfg.db)
+                        .join(format!(".{name}-replited-spool"))
+                        .join(&r.name)
+                });
+                let limit = p
+                    .spool_limit_mb
+                    .map_or(crate::spool::DEFAULT_LIMIT, |mb| mb << 20);
+                Box::new(SpoolStorage::new(Box::new(s3), dir, limit)?) as Box<dyn Storage>
+            } else {
+                Box::new(s3)
+            }
+        }
+        TargetParams::Stream(_) => return Ok(None),
+    };
+    Ok(Some(Target {
+        name: r.name.clone(),
+        storage,
+    }))
+}
+
+/// The storage targets of a config (its stream server left out).
+fn storage_entries(cfg: &DbConfig) -> Vec<&ReplicateConfig> {
+    cfg.replicate
+        .iter()
+        .filter(|r| !matches!(r.params, TargetParams::Stream(_)))
+        .collect()
+}
+
+/// A reloaded configuration and where the capture loop's answer goes.
+type Reload = (DbConfig, std::sync::mpsc::Sender<Result<String, String>>);
+
+/// A configuration for a running capture loop to apply (SIGHUP), and where its answer goes.
+pub struct ReloadSlot {
+    pending: Mutex<Option<Reload>>,
+    read: UnixStream,
+    write: UnixStream,
+}
+
+impl ReloadSlot {
+    /// An empty slot.
+    pub fn new() -> std::io::Result<Arc<ReloadSlot>> {
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        Ok(Arc::new(ReloadSlot {
+            pending: Mutex::new(None),
+            read,
+            write,
+        }))
+    }
+
+    /// Hands `cfg` to the capture loop and waits for what it changed (or why it could not).
+    pub fn request(&self, cfg: DbConfig, limit: Duration) -> Result<String, String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.pending.lock().expect("reload lock") = Some((cfg, tx));
+        let _ = (&self.write).write_all(&[1]);
+        rx.recv_timeout(limit).map_err(|_| {
+            format!("the capture loop did not take the new configuration within {limit:?}")
+        })?
+    }
+
+    fn take(&self) -> Option<Reload> {
+        let mut b = [0u8; 64];
+        while matches!((&self.read).read(&mut b), Ok(n) if n > 0) {}
+        self.pending.lock().expect("reload lock").take()
+    }
 }
 
 /// Where the pages of a captured transaction are.
@@ -205,6 +260,8 @@ pub struct Replicator {
     last_rotation: Instant,
     /// Heartbeats and status for the service manager, and this database's index in them.
     health: Option<(Arc<crate::notify::Health>, usize)>,
+    /// Where a reloaded configuration arrives (SIGHUP).
+    reload: Option<Arc<ReloadSlot>>,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -286,6 +343,7 @@ impl Replicator {
             db_modified: false,
             last_rotation: now,
             health: None,
+            reload: None,
             buf: Vec::new(),
             out: Vec::new(),
             cfg,
@@ -314,6 +372,106 @@ impl Replicator {
                 )
             });
         }
+    }
+
+    /// Takes reloaded configurations from `slot` (applied between wake-ups, nothing captured
+    /// dropped).
+    pub fn set_reload(&mut self, slot: Arc<ReloadSlot>) {
+        self.reload = Some(slot);
+    }
+
+    /// Applies a reloaded configuration of this database: intervals and thresholds at once;
+    /// changed storage targets after everything captured is written to the current ones, then
+    /// the new set is reconciled as at start-up (a new target gets the files of the current
+    /// generation copied from the others). New targets are built and checked first: a target
+    /// that cannot be used leaves everything as it was.
+    fn reconfigure(&mut self, new: DbConfig) -> Result<String> {
+        let old = self.cfg.clone();
+        let mut changes = Vec::new();
+        macro_rules! note {
+            ($show:expr; $($f:ident),*) => {$(
+                if old.$f != new.$f {
+                    changes.push(format!(
+                        "{} {} → {}",
+                        stringify!($f).replace('_', "-"),
+                        $show(&old.$f),
+                        $show(&new.$f)
+                    ));
+                }
+            )*};
+        }
+        let dur = |d: &Duration| humantime::format_duration(*d).to_string();
+        note!(dur; sync_interval, snapshot_interval, retention, retention_check_interval,
+            checkpoint_interval, compaction_interval, busy_timeout);
+        note!(|n: &u64| n.to_string(); min_checkpoint_page_count, max_checkpoint_page_count);
+        note!(|c: &Compression| format!("{c:?}").to_lowercase(); compression);
+        if old.stream() != new.stream() {
+            changes
+                .push("the stream server's settings are unchanged until the next restart".into());
+        }
+        let (before, after) = (storage_entries(&old), storage_entries(&new));
+        if before != after {
+            preflight(&new)?;
+            // Built before anything changes; None: kept as it is.
+            let mut built = Vec::new();
+            for r in &after {
+                built.push(match before.iter().position(|b| b == r) {
+                    Some(_) => None,
+                    None => Some(build_target(&new, r, true)?.expect("a storage target")),
+                });
+            }
+            self.write_batch()
+                .context("writing out captured transactions before changing targets")?;
+            let mut current: Vec<Option<Target>> = std::mem::take(&mut self.targets)
+                .into_iter()
+                .map(Some)
+                .collect();
+            for (r, b) in after.iter().zip(built) {
+                let t = match b {
+                    Some(t) => t,
+                    None => {
+                        let i = before.iter().position(|x| x == r).expect("kept");
+                        current[i].take().expect("each kept once")
+                    }
+                };
+                self.targets.push(t);
+            }
+            let dropped: Vec<String> = current
+                .iter()
+                .flatten()
+                .map(|t| t.storage.describe())
+                .collect();
+            drop(current);
+            changes.push(format!(
+                "targets now {}{}",
+                self.targets
+                    .iter()
+                    .map(|t| t.storage.describe())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if dropped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (no longer: {})", dropped.join(", "))
+                }
+            ));
+            self.needs_establish = true;
+        }
+        if old.busy_timeout != new.busy_timeout {
+            for c in [&self.writer, &self.ckpt, &self.guards[0], &self.guards[1]] {
+                c.busy_timeout(new.busy_timeout)?;
+            }
+        }
+        self.compression = match new.compression {
+            Compression::Lz4 => format::Compression::Lz4,
+            Compression::None => format::Compression::None,
+        };
+        self.cfg = new;
+        Ok(if changes.is_empty() {
+            "unchanged".into()
+        } else {
+            changes.join("; ")
+        })
     }
 
     /// Publishes every durable transaction to `hub` (the stream server's feed).
@@ -371,10 +529,14 @@ impl Replicator {
             let fds_ready;
             {
                 let inotify = self.inotify.as_ref().expect("set above");
-                let mut fds = [
+                let reload = self.reload.clone();
+                let mut fds = vec![
                     PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
                     PollFd::new(shutdown.fd(), PollFlags::POLLIN),
                 ];
+                if let Some(r) = &reload {
+                    fds.push(PollFd::new(r.read.as_fd(), PollFlags::POLLIN));
+                }
                 let ms = timeout.as_millis().min(u16::MAX as u128) as u16;
                 fds_ready = match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
                     Ok(n) => n,
@@ -386,6 +548,17 @@ impl Replicator {
             // the end of the WAL whatever woke it. Events for the WAL itself carry no name; the
             // directory's do, and only the WAL's creation or removal matters.
             let mut woke = fds_ready == 0;
+            if let Some((cfg, answer)) = self.reload.as_ref().and_then(|r| r.take()) {
+                let r = self.reconfigure(cfg);
+                match &r {
+                    Ok(what) => tracing::info!("configuration reloaded: {what}"),
+                    Err(e) => tracing::error!(
+                        "configuration reload refused, keeping the running one: {e:#}"
+                    ),
+                }
+                let _ = answer.send(r.map_err(|e| format!("{e:#}")));
+                woke = true;
+            }
             let inotify = self.inotify.as_ref().expect("set above");
             for _ in 0..DRAIN_READS {
                 match inotify.read_events() {
@@ -453,6 +626,9 @@ impl Replicator {
             "{e:#}; retrying in {backoff:?}"
         );
         self.retry_at = Some(Instant::now() + backoff);
+        if let Some((h, i)) = &self.health {
+            h.error(*i, &format_args!("{e:#}"));
+        }
     }
 
     fn next_deadline(&self) -> Duration {
@@ -865,6 +1041,9 @@ impl Replicator {
         if let Some(hub) = &self.hub {
             hub.publish(self.generation, self.hashes.page_size(), stream);
         }
+        if let Some((h, i)) = &self.health {
+            h.synced(*i, self.generation, last.txid, self.batch.len() as u64);
+        }
         self.batch.clear();
         self.batch_wal = None;
         self.batch_since = None;
@@ -1002,6 +1181,9 @@ impl Replicator {
     /// Tells the stream server the durable position after (re-)establishing. With captured
     /// transactions still to write, their publication does it instead.
     fn announce(&self) {
+        if let Some((h, i)) = &self.health {
+            h.position(*i, self.generation, self.txid);
+        }
         if let Some(hub) = &self.hub {
             if self.batch.is_empty() && self.generation != 0 {
                 hub.set_position(
@@ -1087,7 +1269,10 @@ impl Replicator {
         }
         let wal_pos = self.scanner.as_ref().map(|s| s.committed());
         let Some(st) = stored else {
-            return self.new_generation(1, 1, "no backup exists yet", wal_pos);
+            // At start-up (1, 1); after a reload replaced every target, a generation and txids
+            // beyond what replicas may hold, so none mistakes the new history for its own.
+            let (g, t) = (self.generation + 1, self.txid + 1);
+            return self.new_generation(g, t, "no backup exists yet", wal_pos);
         };
         let same_content = st.page_size == self.hashes.page_size()
             && st.page_count == self.hashes.page_count()
@@ -1430,8 +1615,6 @@ impl Sink {
     }
 }
 
-use std::io::Write as _;
-
 /// Start-up checks that need no database: its directory exists and every target is writable.
 pub fn preflight(cfg: &DbConfig) -> Result<()> {
     let dir = parent_dir(&cfg.db);
@@ -1452,11 +1635,24 @@ pub fn preflight(cfg: &DbConfig) -> Result<()> {
 
 /// Waits until the database file exists (an app creates it on its first start). False when
 /// shutdown came first.
-pub fn wait_for_db(db: &Path, shutdown: &Shutdown) -> Result<bool> {
+///
+/// Waiting counts as ready (the app bound to replited's unit must start to create it, and
+/// nothing exists yet that could be lost): `health` is told so and beats meanwhile.
+pub fn wait_for_db(
+    db: &Path,
+    shutdown: &Shutdown,
+    health: Option<(&crate::notify::Health, usize)>,
+) -> Result<bool> {
     if db.exists() {
         return Ok(true);
     }
     tracing::info!(db = %db.display(), "waiting for the database to be created");
+    if let Some((h, i)) = health {
+        h.set_status(i, || {
+            format!("{}: waiting for the app to create it", db_name(db))
+        });
+        h.set_ready(i);
+    }
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
     inotify.add_watch(
         parent_dir(db),
@@ -1472,6 +1668,9 @@ pub fn wait_for_db(db: &Path, shutdown: &Shutdown) -> Result<bool> {
         ];
         let _ = nix::poll::poll(&mut fds, PollTimeout::from(1000u16));
         let _ = inotify.read_events();
+        if let Some((h, i)) = health {
+            h.beat(i);
+        }
     }
     Ok(true)
 }

@@ -402,21 +402,15 @@ pub fn server_tls(name: &str, p: &StreamParams) -> Result<ServerTls> {
     })
 }
 
-/// The UDP sockets passed by systemd socket activation (`LISTEN_FDS`, `LISTEN_FDNAMES`), with
-/// their names. Stream sockets (the status port) are left alone.
+/// How long a session waits for capture to establish the first position.
+const POSITION_WAIT: Duration = Duration::from_secs(60);
+
+/// The UDP sockets passed by systemd socket activation, with their names.
 fn passed_udp_sockets() -> Vec<(String, std::net::UdpSocket)> {
-    use nix::sys::socket::{getsockopt, sockopt, SockType};
-    use std::os::fd::{BorrowedFd, FromRawFd};
-    let Ok(fds) = sd_notify::listen_fds_with_names() else {
-        return Vec::new();
-    };
-    fds.filter_map(|(fd, name)| {
-        // SAFETY: systemd passed this descriptor to this process (LISTEN_PID checked).
-        let b = unsafe { BorrowedFd::borrow_raw(fd) };
-        matches!(getsockopt(&b, sockopt::SockType), Ok(SockType::Datagram))
-            .then(|| (name, unsafe { std::net::UdpSocket::from_raw_fd(fd) }))
-    })
-    .collect()
+    crate::sockets::take(nix::sys::socket::SockType::Datagram)
+        .into_iter()
+        .map(|(name, fd)| (name, std::net::UdpSocket::from(fd)))
+        .collect()
 }
 
 /// Resolves a stream target's address for binding.
@@ -571,6 +565,20 @@ async fn serve(
     .or_else(|| hubs.values().next())
     .cloned()
     .ok_or_else(|| anyhow!("no database served"))?;
+    let mut rx = hub.changed.subscribe();
+    // A replica that arrives while capture is still starting (its first datagram may be what
+    // started the service, by socket activation) waits for the position instead of an error.
+    let waited = tokio::time::timeout(POSITION_WAIT, async {
+        while hub.position().1.is_none() {
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    if waited.is_err() {
+        tracing::warn!(db = %hub.name(), peer = %peer, "capture has not started within {POSITION_WAIT:?}: the replica is told to retry");
+    }
     let (page_size, pos) = hub.position();
     let mut s = PrimarySession::with_config(
         hub.name(),
@@ -581,7 +589,6 @@ async fn serve(
     if let Some((p, c)) = pos {
         s.set_position(p.generation, p.txid, c);
     }
-    let mut rx = hub.changed.subscribe();
     s.handle_message(now_ms(), first);
     let mut buf = Vec::new();
     session_loop(&mut s, &mut fs, &hub, &mut rx, &mut buf, peer).await

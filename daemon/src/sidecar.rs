@@ -54,7 +54,27 @@ pub struct SidecarOptions {
     pub exec: Option<String>,
     /// Restart the app when the primary changes the schema.
     pub restart_on_schema_change: bool,
+    /// systemd-unit mode (the app is a unit bound to replited's, e.g. `pocketbase@.service`):
+    /// a rebuild exits with [`EXIT_REBUILD`] after marking the database for a restore, so
+    /// systemd stops the app, restarts replited (which restores before `READY=1`) and starts
+    /// the app again; with `restart_on_schema_change`, a schema change exits the same way
+    /// (replited then resumes without a restore).
+    pub exit_on_rebuild: bool,
 }
+
+/// The exit status of a replica leaving for a rebuild or an app restart in systemd-unit mode
+/// (EX_TEMPFAIL; `RestartForceExitStatus=75` in `replited@.service`).
+pub const EXIT_REBUILD: u8 = 75;
+
+/// Set when the replica exits for a rebuild (the process's exit status is then
+/// [`EXIT_REBUILD`]).
+pub static EXITING_FOR_REBUILD: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// A follower's way out in systemd-unit mode.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: exiting with status 75 so that systemd stops the app, restarts replited (which restores first) and starts the app again")]
+struct ExitForRebuild(String);
 
 /// How often a running restore's progress is looked at (and systemd's start-up timeout
 /// extended by six times that while it grows).
@@ -155,10 +175,20 @@ pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let n = plans.len() + buckets.len();
+    let health = crate::notify::Health::new(
+        crate::config::Role::Replica,
+        plans
+            .iter()
+            .map(|p| &p.0)
+            .chain(buckets.iter().map(|b| &b.0))
+            .map(|d| d.db.display().to_string())
+            .collect(),
+    );
+    crate::http::start(&cfg.http, health.clone())
+        .with_context(|| cfg.path.display().to_string())?;
     rt.block_on(async move {
         let (sup_tx, sup_rx) = mpsc::unbounded_channel();
-        let n = plans.len() + buckets.len();
-        let health = crate::notify::Health::new(n);
         health.spawn();
         let mut tasks = Vec::new();
         for (i, (d, s3)) in buckets.into_iter().enumerate() {
@@ -168,6 +198,7 @@ pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
                 busy: d.busy_timeout,
                 storage: s3,
                 force_restore: opts.force_restore,
+                exit_on_rebuild: opts.exit_on_rebuild,
                 sup: sup_tx.clone(),
                 stop: stop_rx.clone(),
                 health: health.clone(),
@@ -183,6 +214,7 @@ pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
                 addr,
                 tls,
                 force_restore: opts.force_restore,
+                exit_on_rebuild: opts.exit_on_rebuild,
                 sup: sup_tx.clone(),
                 stop: stop_rx.clone(),
                 health: health.clone(),
@@ -190,7 +222,7 @@ pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
             tasks.push(tokio::spawn(async move { f.run().await }));
         }
         drop(sup_tx);
-        let sup = supervise(n, opts, sup_rx, stop_rx.clone(), health.clone()).await;
+        let sup = supervise(n, opts, sup_rx, stop_rx.clone(), health.clone(), shutdown).await;
         let mut result = sup;
         for t in tasks {
             match t.await {
@@ -300,6 +332,7 @@ async fn supervise(
     mut rx: mpsc::UnboundedReceiver<SupMsg>,
     mut stop: watch::Receiver<bool>,
     health: Arc<crate::notify::Health>,
+    shutdown: Arc<Shutdown>,
 ) -> Result<()> {
     let mut ready = vec![false; n];
     let mut done = vec![false; n];
@@ -350,12 +383,21 @@ async fn supervise(
                             a.stop("the primary changed the schema").await;
                             a.start();
                         }
+                    } else if opts.exit_on_rebuild && opts.restart_on_schema_change {
+                        let e = ExitForRebuild("the primary changed the schema".into());
+                        tracing::warn!("{e}");
+                        EXITING_FOR_REBUILD.store(true, std::sync::atomic::Ordering::SeqCst);
+                        fatal.get_or_insert(e.to_string());
+                        shutdown.trigger();
                     }
                 }
                 Some(SupMsg::Done(i, err)) => {
                     done[i] = true;
                     if let Some(e) = err {
                         fatal.get_or_insert(e);
+                        // One database failing for good stops the others: systemd's restart
+                        // policy applies to the whole service.
+                        shutdown.trigger();
                     }
                     if done.iter().all(|d| *d) {
                         break;
@@ -414,6 +456,7 @@ struct Follower {
     addr: String,
     tls: ClientTls,
     force_restore: bool,
+    exit_on_rebuild: bool,
     sup: mpsc::UnboundedSender<SupMsg>,
     stop: watch::Receiver<bool>,
     health: Arc<crate::notify::Health>,
@@ -514,6 +557,10 @@ impl Follower {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(db = %self.db.display(), "cannot reach the primary at {}: {e}; retrying in {backoff:?} (reads go on)", self.addr);
+                    self.health.error(
+                        self.index,
+                        &format_args!("cannot reach the primary at {}: {e}", self.addr),
+                    );
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.wait_for(|s| *s) => return Ok(()),
@@ -540,6 +587,10 @@ impl Follower {
                         backoff = BACKOFF_MIN;
                     }
                     tracing::warn!(db = %self.db.display(), "connection to the primary lost: {why}; reconnecting in {backoff:?} (reads go on)");
+                    self.health.error(
+                        self.index,
+                        &format_args!("connection to the primary lost: {why}"),
+                    );
                 }
                 Err(e) => return Err(e),
             }
@@ -566,6 +617,9 @@ impl Follower {
         loop {
             while let Some(ev) = replica.poll_event() {
                 if let Err(e) = self.on_event(replica, local, ev).await {
+                    if e.is::<ExitForRebuild>() {
+                        return Err(e);
+                    }
                     // Nothing half-done stays: a transaction was rolled back, a snapshot's
                     // temporary file removed. A new conversation starts from what is applied.
                     tracing::error!(db = %self.db.display(), "{e:#}");
@@ -675,6 +729,8 @@ impl Follower {
                 match local.apply_txn(&txn)? {
                     Ok((ck, schema_changed)) => {
                         replica.handle_applied(now_ms(), txid, ck);
+                        self.health.synced(self.index, txn.generation, txid, 1);
+                        self.health.set_lag(self.index, replica.lag_ms(now_ms()));
                         if schema_changed {
                             tracing::info!(db = %db, txid, "the primary changed the schema");
                             let _ = self.sup.send(SupMsg::SchemaChanged);
@@ -696,6 +752,9 @@ impl Follower {
             }
             ReplicaEvent::Rebuild { reason } => {
                 tracing::warn!(db = %db, "the replica must be rebuilt: {reason}");
+                if self.exit_on_rebuild {
+                    return Err(local.exit_for_rebuild(&reason.to_string())?);
+                }
                 self.stop_app().await;
                 local.applier = None;
             }
@@ -754,6 +813,21 @@ impl Follower {
 }
 
 impl Local {
+    /// systemd-unit mode: forgets the recorded position (so the next start restores instead of
+    /// resuming) and returns the error that makes replited exit with [`EXIT_REBUILD`].
+    fn exit_for_rebuild(&mut self, why: &str) -> Result<anyhow::Error> {
+        self.applier = None;
+        let p = PositionFile::path_for(&self.db);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+        }
+        crate::storage::sync_dir(crate::storage::parent_dir(&self.db))?;
+        EXITING_FOR_REBUILD.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(ExitForRebuild(format!("the replica must be rebuilt: {why}")).into())
+    }
+
     /// Opens the existing database at the position its position file names.
     fn resume(&mut self) -> Result<Applied> {
         let (cur, prev) = self
@@ -1093,6 +1167,7 @@ struct BucketFollower {
     busy: Duration,
     storage: S3Storage,
     force_restore: bool,
+    exit_on_rebuild: bool,
     sup: mpsc::UnboundedSender<SupMsg>,
     stop: watch::Receiver<bool>,
     health: Arc<crate::notify::Health>,
@@ -1128,6 +1203,9 @@ impl BucketFollower {
     /// Restores the latest backup in the bucket over the database.
     fn rebuild(&self, local: &mut Local, why: &str) -> Result<Applied> {
         tracing::warn!(db = %self.db.display(), "the replica must be rebuilt: {why}");
+        if self.exit_on_rebuild {
+            return Err(local.exit_for_rebuild(why)?);
+        }
         self.restore_latest(local)
     }
 
@@ -1191,7 +1269,11 @@ impl BucketFollower {
                     tracing::info!(db = %self.db.display(), txid = a.pos.txid, "resuming at txid {} without a restore", a.pos.txid);
                     a
                 }
-                Err(e) => self.rebuild(&mut local, &format!("cannot resume ({e:#})"))?,
+                Err(e) => {
+                    // Nothing runs on the database before READY=1: restore in place.
+                    tracing::warn!(db = %self.db.display(), "cannot resume ({e:#}): the database will be restored");
+                    self.restore_latest(&mut local)?
+                }
             }
         };
         let mut files = self.storage.list()?;
@@ -1217,6 +1299,7 @@ impl BucketFollower {
                 Err(e) => {
                     if !failing {
                         tracing::warn!(db = %self.db.display(), "{e:#}; retrying (reads go on)");
+                        self.health.error(self.index, &format_args!("{e:#}"));
                         failing = true;
                     }
                 }
@@ -1264,6 +1347,7 @@ impl BucketFollower {
                         }
                         _ => {
                             tracing::warn!(db = %self.db.display(), "{e:#}; retrying");
+                            self.health.error(self.index, &format_args!("{e:#}"));
                             files = self.storage.list().unwrap_or(files);
                         }
                     },
@@ -1312,6 +1396,8 @@ impl BucketFollower {
                     pos: t.pos(),
                     db_checksum: ck,
                 };
+                self.health
+                    .synced(self.index, applied.pos.generation, applied.pos.txid, 1);
                 if schema_changed {
                     let _ = self.sup.send(SupMsg::SchemaChanged);
                 }

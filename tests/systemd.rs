@@ -539,3 +539,281 @@ fn reload_applies_the_sync_interval_without_a_restart() {
     );
     stop_cleanly(&c, UNIT);
 }
+
+const PB_EMAIL: &str = "admin@example.com";
+const PB_PASSWORD: &str = "correct-horse-battery";
+
+/// tests/pb.py run in the container's network namespace (PocketBase listens on its loopback).
+fn pb_py(c: &Container, args: &[&str]) -> std::process::Output {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    Command::new("nsenter")
+        .args(["-t", &c.leader.to_string(), "-n", "python3"])
+        .arg(repo.join("tests/pb.py"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn pb_ok(c: &Container, args: &[&str]) -> String {
+    let o = pb_py(c, args);
+    assert!(o.status.success(), "pb.py {args:?}: {}", output_text(&o));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+/// Polls `pb.py get` until the record's title is `want`.
+fn wait_for_record(c: &Container, url: &str, id: &str, want: &str, journal_of: &[&str]) {
+    let start = Instant::now();
+    loop {
+        let o = pb_py(c, &["get", "--url", url, "--id", id]);
+        if o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == want {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{url} does not serve record {id} = {want:?}: {}\n{}",
+            output_text(&o),
+            journal_of
+                .iter()
+                .map(|u| format!("--- {u}:\n{}", c.journal(u)))
+                .collect::<String>()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A monotonic timestamp property of a unit (µs).
+fn usec(c: &Container, unit: &str, prop: &str) -> u64 {
+    c.property(unit, prop).parse().unwrap_or(0)
+}
+
+/// Waits until `unit` has been active with the same MainPID for `calm` (no restart meanwhile).
+fn settled(c: &Container, unit: &str, calm: Duration, limit: Duration) -> u32 {
+    let start = Instant::now();
+    let mut pid = 0;
+    let mut since = Instant::now();
+    loop {
+        let now = if c.is_active(unit) == "active" {
+            c.main_pid(unit)
+        } else {
+            0
+        };
+        if now != pid {
+            pid = now;
+            since = Instant::now();
+        }
+        if pid != 0 && since.elapsed() >= calm {
+            return pid;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{unit} did not settle:\n{}",
+            c.journal(unit)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// PocketBase under systemd on both sides: `pocketbase@data` beside the primary, and
+/// `pocketbase@replica` bound to a replica instance (`role = "replica"`, `exit-on-rebuild`).
+/// The replica's PocketBase starts only after replited@replica is ready (restored and caught
+/// up) and serves what was written through the primary's; a write made on the replica makes
+/// replited exit 75, systemd stops PocketBase, restarts replited (which restores) and starts
+/// PocketBase again, which then serves the primary's data, old and new.
+#[test]
+fn pocketbase_follows_replited_under_systemd() {
+    let c = boot();
+    c.write_file(
+        "/etc/systemd/system/pocketbase@.service.d/test.conf",
+        "[Service]\nReadWritePaths=/srv\n",
+    );
+    let pb =
+        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-pocketbase"))
+            .output()
+            .unwrap();
+    assert!(pb.status.success(), "{}", output_text(&pb));
+    let pb = String::from_utf8_lossy(&pb.stdout).trim().to_string();
+    std::fs::create_dir_all(c.host("/srv/bin")).unwrap();
+    std::fs::copy(&pb, c.host("/srv/bin/pocketbase")).unwrap();
+    c.sh_ok("ln -s /srv/bin/pocketbase /usr/local/bin/pocketbase");
+    make_tls(&c);
+    c.sh_ok("mkdir -p /srv/pb/data /srv/pb/replica && chown -R replited:replited /srv/pb");
+    c.write_file(
+        "/etc/replited/data.toml",
+        primary_config(&stream_server_target("quic://127.0.0.1:50051"))
+            .replace(DB, "/srv/pb/data/data.db"),
+    );
+    c.write_file(
+        "/etc/replited/replica.toml",
+        replica_config("/srv/pb/replica/data.db", "http://127.0.0.1:50051").replace(
+            "role = \"replica\"\n",
+            "role = \"replica\"\n\n[replica]\nexit-on-rebuild = true\nrestart-on-schema-change = true\n",
+        ),
+    );
+    c.write_file(
+        "/etc/replited/data.pocketbase.env",
+        "PB_HTTP=127.0.0.1:8090\nPB_DIR=/srv/pb/data\nPB_FLAGS=--automigrate=false\n",
+    );
+    c.write_file(
+        "/etc/replited/replica.pocketbase.env",
+        "PB_HTTP=127.0.0.1:8091\nPB_DIR=/srv/pb/replica\nPB_FLAGS=--automigrate=false\n",
+    );
+    c.daemon_reload();
+    c.exec_ok(&[
+        "runuser",
+        "-u",
+        "replited",
+        "--",
+        "/usr/local/bin/pocketbase",
+        "superuser",
+        "upsert",
+        PB_EMAIL,
+        PB_PASSWORD,
+        "--dir",
+        "/srv/pb/data",
+    ]);
+
+    // The primary side: starting PocketBase starts replited@data first.
+    let primary_pb = "pocketbase@data.service";
+    let replica_pb = "pocketbase@replica.service";
+    c.systemctl_ok(&["start", primary_pb]);
+    c.wait_active(UNIT, Duration::from_secs(30));
+    c.wait_active(primary_pb, Duration::from_secs(30));
+    let purl = "http://127.0.0.1:8090";
+    let rurl = "http://127.0.0.1:8091";
+    pb_ok(&c, &["wait-health", "--url", purl, "--timeout", "30"]);
+    pb_ok(
+        &c,
+        &[
+            "setup",
+            "--url",
+            purl,
+            "--email",
+            PB_EMAIL,
+            "--password",
+            PB_PASSWORD,
+        ],
+    );
+    let one = pb_ok(
+        &c,
+        &[
+            "create",
+            "--url",
+            purl,
+            "--email",
+            PB_EMAIL,
+            "--password",
+            PB_PASSWORD,
+            "--title",
+            "one",
+        ],
+    );
+
+    // The replica side, enabled so that every start of replited@replica pulls it in.
+    c.systemctl_ok(&["enable", replica_pb]);
+    c.systemctl_ok(&["start", replica_pb]);
+    c.wait_active(REPLICA, Duration::from_secs(60));
+    c.wait_active(replica_pb, Duration::from_secs(60));
+    let units = [REPLICA, replica_pb, UNIT];
+    wait_for_record(&c, rurl, &one, "one", &units);
+    // PocketBase started only once replited was ready (active = READY=1 received).
+    let ready = usec(&c, REPLICA, "ActiveEnterTimestampMonotonic");
+    let pb_started = usec(&c, replica_pb, "ExecMainStartTimestampMonotonic");
+    assert!(
+        ready > 0 && pb_started >= ready,
+        "PocketBase started at {pb_started} µs, before replited was ready at {ready} µs"
+    );
+
+    // Let PocketBase's first start on the replica settle (it records its auxiliary database
+    // in data.db once, which replited repairs), then force a rebuild with a local write.
+    let rebuilds_before = c
+        .journal(REPLICA)
+        .matches("the replica must be rebuilt")
+        .count();
+    assert!(rebuilds_before <= 1, "{}", c.journal(REPLICA));
+    let pb_pid = settled(
+        &c,
+        replica_pb,
+        Duration::from_secs(4),
+        Duration::from_secs(60),
+    );
+    let replited_pid = settled(&c, REPLICA, Duration::from_secs(1), Duration::from_secs(60));
+    let replica_db = c.host("/srv/pb/replica/data.db");
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1], timeout=10); \
+             c.execute('CREATE TABLE local_write(x)'); c.commit()",
+        ])
+        .arg(&replica_db)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", output_text(&o));
+
+    let start = Instant::now();
+    loop {
+        let j = c.journal(REPLICA);
+        let done = j.matches("the replica must be rebuilt").count() > rebuilds_before
+            && c.is_active(REPLICA) == "active"
+            && c.main_pid(REPLICA) != replited_pid
+            && c.is_active(replica_pb) == "active"
+            && c.main_pid(replica_pb) != pb_pid;
+        if done {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "no rebuild with PocketBase stopped and started again:\n--- {REPLICA}:\n{j}\n--- {replica_pb}:\n{}",
+            c.journal(replica_pb)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let j = c.journal(REPLICA);
+    assert!(j.contains("exiting with status 75"), "{j}");
+    // PocketBase was stopped before the database was replaced: its stop precedes replited's
+    // restart, and it started again only after replited was ready again.
+    let ready = usec(&c, REPLICA, "ActiveEnterTimestampMonotonic");
+    let pb_started = usec(&c, replica_pb, "ExecMainStartTimestampMonotonic");
+    assert!(
+        pb_started >= ready,
+        "PocketBase restarted before replited was ready"
+    );
+    let pbj = c.journal(replica_pb);
+    assert!(
+        pbj.contains("Stopped") || pbj.contains("Stopping"),
+        "PocketBase was not stopped for the rebuild:\n{pbj}"
+    );
+    pb_ok(&c, &["wait-health", "--url", rurl, "--timeout", "30"]);
+    wait_for_record(&c, rurl, &one, "one", &units);
+    let t = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); \
+             print(c.execute(\"SELECT count(*) FROM sqlite_master WHERE name = 'local_write'\").fetchone()[0])",
+        ])
+        .arg(&replica_db)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&t.stdout).trim(),
+        "0",
+        "the local write survived the rebuild"
+    );
+    let two = pb_ok(
+        &c,
+        &[
+            "create",
+            "--url",
+            purl,
+            "--email",
+            PB_EMAIL,
+            "--password",
+            PB_PASSWORD,
+            "--title",
+            "two",
+        ],
+    );
+    wait_for_record(&c, rurl, &two, "two", &units);
+
+    c.systemctl_ok(&["stop", replica_pb, REPLICA, primary_pb]);
+    stop_cleanly(&c, UNIT);
+}

@@ -5,7 +5,6 @@
 mod common;
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -30,14 +29,6 @@ fn pocketbase() -> PathBuf {
         stderr(&out)
     );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn pb_py(args: &[&str]) -> std::process::Output {

@@ -135,8 +135,18 @@ fn s3_outage_during_a_load_loses_nothing() {
     s.create_bucket(BUCKET);
     let w = World::new("");
     configure(&w, &s3_target(&s, BUCKET, &s.secret_key), true);
+    // The status server shows the target degraded while S3 is down.
+    let http = format!("127.0.0.1:{}", free_tcp_port());
+    let cfg = fs::read_to_string(&w.config).unwrap();
+    fs::write(&w.config, format!("{cfg}\n[http]\naddr = \"{http}\"\n")).unwrap();
     let d = w.start("auto");
     run_load(&w.db, 1, 300);
+    let status = || {
+        http_get(&http, "/status")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    };
+    assert!(!status().contains("degraded"), "{}", status());
     s.stop();
     let load = spawn_load(&w.db, 301, 3300, &["--rate", "100"]);
     // The local directory keeps up while S3 is down.
@@ -152,10 +162,18 @@ fn s3_outage_during_a_load_loses_nothing() {
         "retrying with backoff while files wait in the spool",
         Duration::from_secs(5),
     );
-    std::thread::sleep(Duration::from_secs(15));
+    std::thread::sleep(Duration::from_secs(2));
+    let during = status();
+    assert!(
+        during.contains("degraded: s3://") && during.contains("waiting in the spool"),
+        "/status does not show the S3 target degraded: {during}"
+    );
+    std::thread::sleep(Duration::from_secs(13));
     s.restart();
     wait_ok(load);
     d.wait_for_log("answers again", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!status().contains("degraded"), "{}", status());
     let log = d.stop();
     assert!(
         !log.contains("stay in the spool"),

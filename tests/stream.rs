@@ -567,6 +567,16 @@ fn replica_is_ready_once_caught_up() {
     n.wait_for("READY=1", Duration::from_secs(60));
     // Ready means caught up: the replica already holds everything committed before.
     assert_eq!(state(&c.rdb), expect(500));
+    // The restore before it asked systemd for more start-up time and said so.
+    let msgs = n.messages();
+    let ready = msgs.iter().position(|m| m.contains("READY=1")).unwrap();
+    let extend = msgs
+        .iter()
+        .position(|m| m.contains("EXTEND_TIMEOUT_USEC=30000000") && m.contains("restoring from"));
+    assert!(
+        extend.is_some_and(|e| e < ready),
+        "no EXTEND_TIMEOUT_USEC with a restoring status before READY=1: {msgs:?}"
+    );
     run_load(&c.pdb, 501, 520);
     n.wait_for("streaming at txid 521", Duration::from_secs(20));
     n.wait_for("WATCHDOG=1", Duration::from_secs(5));

@@ -359,17 +359,20 @@ impl Replicator {
         if let Some((h, i)) = &self.health {
             h.beat(*i);
             h.set_status(*i, || {
-                format!(
-                    "{}: generation {:016x}, txid {}{}",
+                let mut line = format!(
+                    "{}: generation {:016x}, txid {}",
                     db_name(&self.db_path),
                     self.generation,
                     self.txid,
-                    if self.retry_at.is_some() {
-                        " (retrying after an error)"
-                    } else {
-                        ""
-                    }
-                )
+                );
+                if self.retry_at.is_some() {
+                    line.push_str(" (retrying after an error)");
+                }
+                for d in self.targets.iter().filter_map(|t| t.storage.degraded()) {
+                    line.push_str(", ");
+                    line.push_str(&d);
+                }
+                line
             });
         }
     }

@@ -77,8 +77,10 @@ pub static EXITING_FOR_REBUILD: std::sync::atomic::AtomicBool =
 struct ExitForRebuild(String);
 
 /// How often a running restore's progress is looked at (and systemd's start-up timeout
-/// extended by six times that while it grows).
+/// extended by [`RESTORE_EXTEND`] while it grows).
 const RESTORE_PROGRESS: Duration = Duration::from_secs(5);
+/// How much more start-up time a restore asks for, when it starts and at each sign of progress.
+const RESTORE_EXTEND: Duration = Duration::from_secs(30);
 /// How often the replica's WAL is checkpointed (by a connection of its own).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// How often a write made on the replica is looked for.
@@ -930,7 +932,8 @@ impl Local {
                 crate::storage::parent_dir(&self.db),
             )?),
         };
-        tracing::info!(db = %self.db.display(), "restoring from the primary's backup {}", src.describe());
+        let src_name = src.describe();
+        tracing::info!(db = %self.db.display(), "restoring from the primary's backup {src_name}");
         let out = self.db.clone();
         let tmp = temp_path(&self.db);
         let mut job = tokio::task::spawn_blocking(move || {
@@ -946,8 +949,13 @@ impl Local {
                 },
             )
         });
-        // While the restore makes progress (its file grows), ask systemd for more start-up time
-        // and say how far it is.
+        // A restore starting asks systemd for more start-up time, and again while it makes
+        // progress (its file grows), saying how far it is.
+        let status = format!("{}: restoring from {}", db_name(&self.db), src_name);
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::ExtendTimeoutUsec(RESTORE_EXTEND.as_micros() as u32),
+            sd_notify::NotifyState::Status(&status),
+        ]);
         let mut written = 0u64;
         let r = loop {
             tokio::select! {
@@ -959,7 +967,7 @@ impl Local {
                         let status = format!("{}: restoring, {} MB written", db_name(&self.db), now >> 20);
                         let _ = sd_notify::notify(&[
                             sd_notify::NotifyState::ExtendTimeoutUsec(
-                                (RESTORE_PROGRESS * 6).as_micros() as u32,
+                                RESTORE_EXTEND.as_micros() as u32,
                             ),
                             sd_notify::NotifyState::Status(&status),
                         ]);

@@ -335,6 +335,17 @@ impl Storage for SpoolStorage {
         self.inner.describe()
     }
 
+    fn degraded(&self) -> Option<String> {
+        let q = self.shared.q.lock().expect("spool lock");
+        let (since, e) = q.failing.as_ref()?;
+        Some(format!(
+            "degraded: {} failing for {:.0?} ({e}), {} MB waiting in the spool",
+            self.inner.describe(),
+            since.elapsed(),
+            q.bytes >> 20
+        ))
+    }
+
     fn check_writable(&self) -> Result<()> {
         self.inner.check_writable()
     }

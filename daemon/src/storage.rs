@@ -44,6 +44,12 @@ pub trait Storage: Send + Sync {
             .with_context(|| format!("writing {}", self.locate(meta)))
     }
 
+    /// Why this target is degraded right now (a remote store failing while files wait in a
+    /// spool), for status output; None when it is fine.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
+
     /// Writes a whole file atomically and durably.
     fn put(&self, meta: &FileMeta, data: &[u8]) -> Result<()> {
         let mut w = self.create(meta)?;

@@ -814,6 +814,21 @@ fn pocketbase_follows_replited_under_systemd() {
     );
     wait_for_record(&c, rurl, &two, "two", &units);
 
+    // The replica's journal entries carry its lag as a field.
+    let json = c.exec_ok(&["journalctl", "-u", REPLICA, "-o", "json", "--no-pager"]);
+    assert!(
+        json.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|e| e.get("LAG_MS").is_some() && e.get("DB").is_some()),
+        "no LAG_MS field in the replica's journal:\n{json}"
+    );
+
     c.systemctl_ok(&["stop", replica_pb, REPLICA, primary_pb]);
     stop_cleanly(&c, UNIT);
+    let v = c.exec(&["systemd-analyze", "verify", primary_pb, replica_pb, REPLICA]);
+    assert!(
+        v.status.success(),
+        "systemd-analyze verify of the PocketBase units failed:\n{}",
+        output_text(&v)
+    );
 }

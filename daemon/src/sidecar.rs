@@ -656,7 +656,9 @@ impl Follower {
                     let a = replica.applied();
                     tracing::info!(
                         db = %self.db.display(),
+                        generation = a.map_or(0, |a| a.pos.generation),
                         txid = a.map_or(0, |a| a.pos.txid),
+                        lag_ms = replica.lag_ms(now_ms()).unwrap_or(0),
                         "caught up with the primary: streaming"
                     );
                     let _ = self.sup.send(SupMsg::CaughtUp(self.index));

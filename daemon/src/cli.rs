@@ -104,6 +104,13 @@ pub enum Command {
         #[arg(long, conflicts_with = "exec")]
         exit_on_rebuild: bool,
     },
+    /// Write the man pages (replited.1 and one per command) and shell completions (bash, zsh,
+    /// fish) generated from this command line into DIR: what the packages install.
+    #[command(hide = true)]
+    Generate {
+        /// Where to write `man/*.1` and `completions/*`.
+        dir: PathBuf,
+    },
     /// Make a development CA and the certificates of the stream transport (TLS is always on).
     Cert {
         /// What to make.
@@ -438,6 +445,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
             )
         }
+        Command::Generate { dir } => generate(&dir),
         Command::Cert { what } => {
             let _ = init_logging(cli.log_level.as_deref().unwrap_or("info"));
             cert(what)
@@ -479,6 +487,26 @@ fn start_replica(cli: &Common, cfg: Config, flags: crate::sidecar::SidecarOption
         );
     }
     crate::sidecar::run(cfg, opts)
+}
+
+/// Man pages and shell completions from the command line's definition.
+fn generate(dir: &std::path::Path) -> Result<()> {
+    use clap::CommandFactory;
+    let man = dir.join("man");
+    let comp = dir.join("completions");
+    std::fs::create_dir_all(&man).with_context(|| man.display().to_string())?;
+    std::fs::create_dir_all(&comp).with_context(|| comp.display().to_string())?;
+    let cmd = Cli::command();
+    clap_mangen::generate_to(cmd.clone(), &man).context("writing man pages")?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "replited", &comp)
+            .with_context(|| format!("writing {shell} completions"))?;
+    }
+    Ok(())
 }
 
 fn cert(what: CertCommand) -> Result<()> {

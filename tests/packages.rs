@@ -1,0 +1,1 @@
+//! The .deb and .rpm packages (written by the packaging work in progress).

@@ -104,6 +104,38 @@ pub enum Command {
         #[arg(long, conflicts_with = "exec")]
         exit_on_rebuild: bool,
     },
+    /// Ask the running replited (its status server) how each database is doing: role,
+    /// position, last sync, lag of every target and replica, errors.
+    Status {
+        /// Print the status server's JSON as is.
+        #[arg(long)]
+        json: bool,
+        /// The status server (HOST:PORT); default: the config's `[http] addr`, else
+        /// 127.0.0.1:50052 (replited@.socket's port).
+        #[arg(long)]
+        addr: Option<String>,
+    },
+    /// List what the backup targets hold: snapshots (and with --all, segments) per
+    /// generation, with their transaction ids, times and sizes.
+    Snapshots {
+        /// The configured database (its `db` path); default: every database.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Segments too, not only snapshots.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Restore the latest backup of each database from each target into a temporary file,
+    /// check it (every checksum, then SQLite's integrity check) and report; nothing is
+    /// replaced. Exits 1 when any check fails.
+    Verify {
+        /// The configured database (its `db` path); default: every database.
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Where the temporary files go (default: beside each database).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Write the man pages (replited.1 and one per command) and shell completions (bash, zsh,
     /// fish) generated from this command line into DIR: what the packages install.
     #[command(hide = true)]
@@ -320,6 +352,9 @@ fn primary_reload(running: &Config, slots: Vec<(PathBuf, Arc<ReloadSlot>)>) -> O
 /// How long a reload waits for a capture loop to take its new settings.
 const RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Where `replited status` looks without `[http] addr`: replited@.socket's status port.
+const DEFAULT_STATUS_ADDR: &str = "127.0.0.1:50052";
+
 /// What every command shares.
 struct Common {
     config: PathBuf,
@@ -384,24 +419,12 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 None => {
                     let cfg = Config::load(&cli.config)?;
-                    let dbc = match &db {
-                        Some(p) => cfg.find_db(p).ok_or_else(|| {
-                            anyhow!(
-                                "Database not found: {} is not configured in {} (configured: {})",
-                                p.display(),
-                                cfg.path.display(),
-                                cfg.databases
-                                    .iter()
-                                    .map(|d| d.db.display().to_string())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            )
-                        })?,
-                        None if cfg.databases.len() == 1 => &cfg.databases[0],
-                        None => bail!(
+                    let dbc = match cfg.select(db.as_deref())?.as_slice() {
+                        [one] => *one,
+                        all => bail!(
                             "{} configures {} databases: choose one with --db",
                             cfg.path.display(),
-                            cfg.databases.len()
+                            all.len()
                         ),
                     };
                     let out = output.unwrap_or_else(|| dbc.db.clone());
@@ -446,6 +469,26 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
         Command::Generate { dir } => generate(&dir),
+        Command::Status { json, addr } => {
+            let addr = match addr {
+                Some(a) => a,
+                None => Config::load(&common.config)
+                    .ok()
+                    .and_then(|c| c.http.addr)
+                    .unwrap_or_else(|| DEFAULT_STATUS_ADDR.to_string()),
+            };
+            crate::ops::status(&addr, json)
+        }
+        Command::Snapshots { db, all } => {
+            let _ = init_logging(common.log_level.as_deref().unwrap_or("warn"));
+            let cfg = Config::load(&common.config)?;
+            crate::ops::snapshots(&cfg, db.as_deref(), all)
+        }
+        Command::Verify { db, dir } => {
+            let _ = init_logging(common.log_level.as_deref().unwrap_or("warn"));
+            let cfg = Config::load(&common.config)?;
+            crate::ops::verify(&cfg, db.as_deref(), dir.as_deref())
+        }
         Command::Cert { what } => {
             let _ = init_logging(cli.log_level.as_deref().unwrap_or("info"));
             cert(what)
@@ -487,6 +530,49 @@ fn start_replica(cli: &Common, cfg: Config, flags: crate::sidecar::SidecarOption
         );
     }
     crate::sidecar::run(cfg, opts)
+}
+
+/// `replited_info` and the process's own figures.
+pub fn process_metrics(role: Role) {
+    crate::metrics::gauge_fn(
+        "replited_info",
+        "replited's version and role (always 1).",
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("role", role.as_str()),
+        ],
+        || Some(1.0),
+    );
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    crate::metrics::gauge_fn(
+        "replited_start_time_seconds",
+        "Unix time replited started.",
+        &[],
+        move || Some(start),
+    );
+    for (i, kind) in ["put", "get", "list", "delete"].into_iter().enumerate() {
+        crate::metrics::counter_fn(
+            "replited_s3_requests_total",
+            "S3 requests sent, by kind (what an S3 bill counts; a HEAD counts as a GET).",
+            &[("kind", kind)],
+            move || {
+                let (p, g, l, d) = crate::s3::REQUESTS.get();
+                Some([p, g, l, d][i] as f64)
+            },
+        );
+    }
+    crate::metrics::gauge_fn(
+        "replited_resident_memory_bytes",
+        "Resident memory of the process.",
+        &[],
+        || {
+            let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+            let pages: f64 = s.split_whitespace().nth(1)?.parse().ok()?;
+            Some(pages * 4096.0)
+        },
+    );
 }
 
 /// Man pages and shell completions from the command line's definition.
@@ -557,6 +643,16 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
             .map(|d| d.db.display().to_string())
             .collect(),
     );
+    for (hub, _, _) in &hubs {
+        if let Some(i) = cfg
+            .databases
+            .iter()
+            .position(|d| db_name(&d.db) == hub.name())
+        {
+            hub.set_health(health.clone(), i);
+        }
+    }
+    process_metrics(Role::Primary);
     crate::http::start(&cfg.http, health.clone())
         .with_context(|| cfg.path.display().to_string())?;
     health.spawn();

@@ -96,14 +96,21 @@ pub struct ReplicaOptions {
     pub exit_on_rebuild: bool,
 }
 
-/// `[http]`: the status server (`/health`, `/status`).
-#[derive(Clone, Debug, Default, Deserialize)]
+/// `[http]`: the status server (`/health`, `/status`, `/metrics`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct HttpConfig {
     /// `HOST:PORT` to listen on (TCP); none by default. A socket systemd passes (named `http`)
     /// is used instead.
     #[serde(default)]
     pub addr: Option<String>,
+    /// `/health` answers 503 when a target or replica is further behind (default 1m).
+    #[serde(default, deserialize_with = "de_opt_duration", alias = "max_lag")]
+    pub max_lag: Option<Duration>,
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    de_duration(d).map(Some)
 }
 
 /// `[log]`.
@@ -570,6 +577,27 @@ impl Config {
             http: raw.http,
             databases: raw.database,
         })
+    }
+
+    /// The database `wanted` names (`--db`), or every database when None; `Database not
+    /// found` when it names none of them.
+    pub fn select(&self, wanted: Option<&Path>) -> Result<Vec<&DbConfig>, ConfigError> {
+        let Some(w) = wanted else {
+            return Ok(self.databases.iter().collect());
+        };
+        match self.find_db(w) {
+            Some(d) => Ok(vec![d]),
+            None => Err(ConfigError(format!(
+                "Database not found: {} is not configured in {} (configured: {})",
+                w.display(),
+                self.path.display(),
+                self.databases
+                    .iter()
+                    .map(|d| d.db.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
     }
 
     /// The database whose `db` is `wanted` (same path, or same canonical path).

@@ -1,5 +1,6 @@
-//! The status server: `GET /health` (200 when every database is ready and its loop alive, 503
-//! otherwise) and `GET /status` (JSON, one object per database). It listens on the TCP socket
+//! The status server: `GET /health` (200 when every database is ready, its loop alive and
+//! everything following it within `max-lag`; 503 with the reason otherwise), `GET /status`
+//! (JSON, one object per database) and `GET /metrics` (Prometheus). It listens on the TCP socket
 //! systemd passes (`replited@.socket`, `FileDescriptorName=http`), else on `[http] addr`, else
 //! not at all. Plain HTTP/1.1, one request per connection, GET and HEAD only: a monitoring
 //! probe's protocol, kept small on purpose (bounded requests, connections and time).
@@ -57,6 +58,9 @@ pub fn start(cfg: &HttpConfig, health: Arc<Health>) -> Result<Option<std::net::S
     listener.set_nonblocking(false)?;
     let local = listener.local_addr()?;
     health.enable_status();
+    if let Some(d) = cfg.max_lag {
+        health.set_max_lag(d);
+    }
     let busy = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("http".into())
@@ -131,6 +135,16 @@ fn serve(mut conn: TcpStream, health: &Health) -> std::io::Result<()> {
                 }
             }
         }
+        "/metrics" => {
+            let body = crate::metrics::render();
+            respond(
+                &mut conn,
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                &body,
+                head_only,
+            )
+        }
         "/status" => {
             let body = serde_json::to_string_pretty(&health.status_json()).unwrap_or_default();
             respond(
@@ -145,7 +159,7 @@ fn serve(mut conn: TcpStream, health: &Health) -> std::io::Result<()> {
             &mut conn,
             404,
             "text/plain",
-            "not found: try /health or /status\n",
+            "not found: try /health, /status or /metrics\n",
             head_only,
         ),
     }

@@ -15,6 +15,9 @@ use sd_notify::NotifyState;
 /// How often a worker's status line is rebuilt at most.
 pub const STATUS_EVERY: Duration = Duration::from_millis(200);
 
+/// `/health` fails past this lag unless `[http] max-lag` says otherwise.
+pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(60);
+
 /// No lag figure (u64::MAX in [`Stats::lag_ms`]).
 const NO_LAG: u64 = u64::MAX;
 
@@ -32,8 +35,32 @@ struct Stats {
     last_error: Mutex<Option<String>>,
 }
 
+/// How far behind something that follows a database is: a storage target, or (on a primary) a
+/// connected replica. `lag(now_ms)` gives (ms behind, transactions behind): the age of the
+/// oldest transaction it does not hold yet.
+pub struct Lagging {
+    /// "target" or "replica".
+    pub kind: &'static str,
+    /// The target's name or the replica's address.
+    pub name: String,
+    lag: Box<dyn Fn(u64) -> (u64, u64) + Send + Sync>,
+    /// Unix ms of its last successful sync (0: none yet).
+    pub last_sync_ms: AtomicU64,
+}
+
+impl Lagging {
+    /// (ms, transactions) behind at `now_ms`.
+    pub fn lag(&self, now_ms: u64) -> (u64, u64) {
+        (self.lag)(now_ms)
+    }
+}
+
 /// The workers' heartbeats, status lines and figures.
 pub struct Health {
+    /// What follows each worker's database, with the worker's index.
+    followers: Mutex<Vec<(usize, Arc<Lagging>)>>,
+    /// `/health` fails when a follower is further behind than this.
+    max_lag: AtomicU64,
     role: crate::config::Role,
     /// Each worker's database (its path).
     dbs: Vec<String>,
@@ -56,7 +83,9 @@ impl Health {
     /// For one worker per database in `dbs` (their paths), all of one role.
     pub fn new(role: crate::config::Role, dbs: Vec<String>) -> Arc<Health> {
         let n = dbs.len();
-        Arc::new(Health {
+        let h = Arc::new(Health {
+            followers: Mutex::new(Vec::new()),
+            max_lag: AtomicU64::new(DEFAULT_MAX_LAG.as_millis() as u64),
             role,
             stats: (0..n)
                 .map(|_| Stats {
@@ -73,7 +102,150 @@ impl Health {
             status_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
             enabled: AtomicBool::new(std::env::var_os("NOTIFY_SOCKET").is_some()),
             stop: AtomicBool::new(false),
-        })
+        });
+        h.register_metrics();
+        h
+    }
+
+    /// Per-database figures every role has (`/metrics`).
+    fn register_metrics(self: &Arc<Health>) {
+        use crate::metrics::gauge_fn;
+        for (i, path) in self.dbs.iter().enumerate() {
+            let db = crate::config::db_name(std::path::Path::new(path));
+            let l = [("db", db.as_str())];
+            let w = Arc::downgrade(self);
+            let stat = move |f: fn(&Stats) -> u64| {
+                let w = w.clone();
+                move || w.upgrade().map(|h| f(&h.stats[i]))
+            };
+            let applied = stat(|s| s.records.load(Ordering::Relaxed));
+            let synced = stat(|s| s.synced_ms.load(Ordering::Relaxed));
+            let lag = stat(|s| s.lag_ms.load(Ordering::Relaxed));
+            let w = Arc::downgrade(self);
+            gauge_fn(
+                "replited_up",
+                "1 while the database's capture or apply loop runs and beats.",
+                &l,
+                move || {
+                    w.upgrade().map(|h| {
+                        let age = h
+                            .now_ms()
+                            .saturating_sub(h.beats[i].load(Ordering::Relaxed));
+                        f64::from(u8::from(
+                            h.ready[i].load(Ordering::SeqCst)
+                                && !h.stop.load(Ordering::SeqCst)
+                                && age < 30_000,
+                        ))
+                    })
+                },
+            );
+            crate::metrics::counter_fn(
+                "replited_records_replicated_total",
+                "Transactions made durable (primary) or applied (replica) since start.",
+                &l,
+                move || applied().map(|v| v as f64),
+            );
+            gauge_fn(
+                "replited_last_sync_timestamp_seconds",
+                "Unix time of the last sync (primary: durable in every target; replica: applied).",
+                &l,
+                move || synced().filter(|t| *t > 0).map(|t| t as f64 / 1000.0),
+            );
+            if self.role == crate::config::Role::Replica {
+                gauge_fn(
+                    "replited_lag_seconds",
+                    "How far this replica is behind its primary.",
+                    &l,
+                    move || lag().filter(|v| *v != NO_LAG).map(|v| v as f64 / 1000.0),
+                );
+            }
+        }
+    }
+
+    /// Tracks something that follows worker `i`'s database (a target, a replica) for `/status`,
+    /// `/health` and `/metrics` (`replited_{kind}_lag_seconds`, `…_lag_transactions`).
+    pub fn track(
+        &self,
+        i: usize,
+        kind: &'static str,
+        name: &str,
+        lag: impl Fn(u64) -> (u64, u64) + Send + Sync + 'static,
+    ) -> Arc<Lagging> {
+        let l = Arc::new(Lagging {
+            kind,
+            name: name.to_string(),
+            lag: Box::new(lag),
+            last_sync_ms: AtomicU64::new(0),
+        });
+        let db = crate::config::db_name(std::path::Path::new(&self.dbs[i]));
+        let labels: [(&str, &str); 2] = [("db", &db), (kind, name)];
+        let (secs, txns, sync): (&'static str, &'static str, &'static str) = match kind {
+            "replica" => (
+                "replited_replica_lag_seconds",
+                "replited_replica_lag_transactions",
+                "replited_replica_last_ack_timestamp_seconds",
+            ),
+            _ => (
+                "replited_target_lag_seconds",
+                "replited_target_lag_transactions",
+                "replited_target_last_sync_timestamp_seconds",
+            ),
+        };
+        let w = Arc::downgrade(&l);
+        crate::metrics::gauge_fn(
+            secs,
+            "Age of the oldest transaction it does not hold yet (0 when caught up).",
+            &labels,
+            move || {
+                w.upgrade()
+                    .map(|l| l.lag(crate::replicate::now_ms()).0 as f64 / 1000.0)
+            },
+        );
+        let w = Arc::downgrade(&l);
+        crate::metrics::gauge_fn(
+            txns,
+            "Transactions committed that it does not hold yet.",
+            &labels,
+            move || {
+                w.upgrade()
+                    .map(|l| l.lag(crate::replicate::now_ms()).1 as f64)
+            },
+        );
+        let w = Arc::downgrade(&l);
+        crate::metrics::gauge_fn(
+            sync,
+            "Unix time of its last successful sync.",
+            &labels,
+            move || {
+                w.upgrade()
+                    .map(|l| l.last_sync_ms.load(Ordering::Relaxed))
+                    .filter(|t| *t > 0)
+                    .map(|t| t as f64 / 1000.0)
+            },
+        );
+        self.followers
+            .lock()
+            .expect("followers lock")
+            .push((i, l.clone()));
+        l
+    }
+
+    /// Stops tracking `l` (a replica that disconnected, a target removed by a reload).
+    pub fn untrack(&self, l: &Arc<Lagging>) {
+        self.followers
+            .lock()
+            .expect("followers lock")
+            .retain(|(_, x)| !Arc::ptr_eq(x, l));
+    }
+
+    /// `/health` fails when a follower is further behind than `d`.
+    pub fn set_max_lag(&self, d: Duration) {
+        self.max_lag.store(d.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The index of the worker following database `path`.
+    pub fn index_of(&self, path: &str) -> Option<usize> {
+        self.dbs.iter().position(|d| d == path)
     }
 
     /// Status lines are wanted (the status server runs).
@@ -108,11 +280,19 @@ impl Health {
         }
     }
 
-    /// Worker `i` met an error (it retries); counted and shown by `/status`.
-    pub fn error(&self, i: usize, e: &dyn std::fmt::Display) {
+    /// Worker `i` met an error of `kind` (it retries); counted (`replited_errors_total`) and
+    /// shown by `/status`.
+    pub fn error(&self, i: usize, kind: &'static str, e: &dyn std::fmt::Display) {
         if let Some(s) = self.stats.get(i) {
             s.errors.fetch_add(1, Ordering::Relaxed);
             *s.last_error.lock().expect("error lock") = Some(e.to_string());
+            let db = crate::config::db_name(std::path::Path::new(&self.dbs[i]));
+            crate::metrics::counter(
+                "replited_errors_total",
+                "Errors by kind (each retried).",
+                &[("db", &db), ("kind", kind)],
+            )
+            .inc();
         }
     }
 
@@ -130,8 +310,47 @@ impl Health {
             if age > limit.as_millis() as u64 {
                 return Err(format!("{db}: no progress for {age} ms"));
             }
+            let lag = self.stats[i].lag_ms.load(Ordering::Relaxed);
+            let max = self.max_lag.load(Ordering::Relaxed);
+            if lag != NO_LAG && lag > max {
+                return Err(format!(
+                    "{db}: {lag} ms behind the primary (max-lag {max} ms)"
+                ));
+            }
+        }
+        let unix = crate::replicate::now_ms();
+        let max = self.max_lag.load(Ordering::Relaxed);
+        for (i, f) in self.followers.lock().expect("followers lock").iter() {
+            let (ms, txns) = f.lag(unix);
+            if ms > max {
+                return Err(format!(
+                    "{}: {} {} is {ms} ms ({txns} transactions) behind (max-lag {max} ms)",
+                    self.dbs[*i], f.kind, f.name
+                ));
+            }
         }
         Ok(())
+    }
+
+    fn followers_json(&self, i: usize, kind: &str) -> Vec<serde_json::Value> {
+        let now = crate::replicate::now_ms();
+        self.followers
+            .lock()
+            .expect("followers lock")
+            .iter()
+            .filter(|(w, f)| *w == i && f.kind == kind)
+            .map(|(_, f)| {
+                let (ms, txns) = f.lag(now);
+                let synced = f.last_sync_ms.load(Ordering::Relaxed);
+                serde_json::json!({
+                    "name": f.name,
+                    "lag_ms": ms,
+                    "lag_transactions": txns,
+                    "last_sync_time": (synced != 0).then(|| humantime::format_rfc3339_millis(
+                        std::time::UNIX_EPOCH + Duration::from_millis(synced)).to_string()),
+                })
+            })
+            .collect()
     }
 
     /// `/status`: one object per database.
@@ -151,6 +370,7 @@ impl Health {
                     "role": self.role.as_str(),
                     "generation": format!("{:016x}", s.generation.load(Ordering::Relaxed)),
                     "txid": s.txid.load(Ordering::Relaxed),
+                    "last_lsn": s.txid.load(Ordering::Relaxed),
                     "last_sync_time": (synced != 0).then(|| humantime::format_rfc3339_millis(
                         std::time::UNIX_EPOCH + Duration::from_millis(synced)).to_string()),
                     "lag_ms": (lag != NO_LAG).then_some(lag),
@@ -161,6 +381,8 @@ impl Health {
                         && now.saturating_sub(self.beats[i].load(Ordering::Relaxed)) < 30_000,
                     "ready": self.ready[i].load(Ordering::SeqCst),
                     "status": lines.get(i),
+                    "targets": self.followers_json(i, "target"),
+                    "replicas": self.followers_json(i, "replica"),
                 })
             })
             .collect();

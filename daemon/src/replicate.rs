@@ -30,6 +30,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -109,7 +110,12 @@ fn build_target(cfg: &DbConfig, r: &ReplicateConfig, spool: bool) -> Result<Opti
                 let limit = p
                     .spool_limit_mb
                     .map_or(crate::spool::DEFAULT_LIMIT, |mb| mb << 20);
-                Box::new(SpoolStorage::new(Box::new(s3), dir, limit)?) as Box<dyn Storage>
+                Box::new(SpoolStorage::new(
+                    Box::new(s3),
+                    dir,
+                    limit,
+                    (&name, &r.name),
+                )?) as Box<dyn Storage>
             } else {
                 Box::new(s3)
             }
@@ -128,6 +134,118 @@ fn storage_entries(cfg: &DbConfig) -> Vec<&ReplicateConfig> {
         .iter()
         .filter(|r| !matches!(r.params, TargetParams::Stream(_)))
         .collect()
+}
+
+/// A target's lag tracker and the figures behind it.
+struct Follow {
+    lag: Arc<crate::notify::Lagging>,
+    /// Unix ms commit time of the oldest transaction the target lacks (0: none).
+    since: Arc<AtomicU64>,
+    txns: Arc<AtomicU64>,
+}
+
+/// A database's counters and gauges (`/metrics`).
+struct DbMetrics {
+    db: String,
+    txns: Arc<crate::metrics::Counter>,
+    wal_bytes: Arc<crate::metrics::Counter>,
+    segments: Arc<crate::metrics::Counter>,
+    snapshots: Arc<crate::metrics::Counter>,
+    sync: Arc<crate::metrics::Histogram>,
+    txid: Arc<crate::metrics::Gauge>,
+    generation: Arc<crate::metrics::Gauge>,
+    db_size: Arc<crate::metrics::Gauge>,
+    wal_size: Arc<crate::metrics::Gauge>,
+    wal_max: Arc<crate::metrics::Gauge>,
+}
+
+impl DbMetrics {
+    fn new(db: &str) -> DbMetrics {
+        use crate::metrics::{counter, gauge, histogram};
+        let l = [("db", db)];
+        // Present (at 0) before the first of them happens.
+        for mode in ["passive", "truncate"] {
+            let l = [("db", db), ("mode", mode)];
+            counter(
+                "replited_checkpoints_total",
+                "Checkpoints run by replited, by mode.",
+                &l,
+            );
+            histogram(
+                "replited_checkpoint_duration_seconds",
+                "Time checkpoints took, by mode.",
+                &l,
+            );
+        }
+        for kind in ["capture", "continuity"] {
+            counter(
+                "replited_errors_total",
+                "Errors by kind (each retried).",
+                &[("db", db), ("kind", kind)],
+            );
+        }
+        DbMetrics {
+            db: db.to_string(),
+            txns: counter(
+                "replited_transactions_captured_total",
+                "Transactions captured from the WAL and made durable in the targets.",
+                &l,
+            ),
+            wal_bytes: counter(
+                "replited_wal_bytes_captured_total",
+                "WAL bytes (frames) captured.",
+                &l,
+            ),
+            segments: counter(
+                "replited_segments_written_total",
+                "Segments written (each a batch of transactions).",
+                &l,
+            ),
+            snapshots: counter(
+                "replited_snapshots_written_total",
+                "Snapshots written.",
+                &l,
+            ),
+            sync: histogram(
+                "replited_sync_duration_seconds",
+                "Time to write a batch of captured transactions durably to every target.",
+                &l,
+            ),
+            txid: gauge(
+                "replited_txid",
+                "Last transaction id durable in the targets.",
+                &l,
+            ),
+            generation: gauge("replited_generation", "Current generation.", &l),
+            db_size: gauge(
+                "replited_database_size_bytes",
+                "Size of the database file.",
+                &l,
+            ),
+            wal_size: gauge("replited_wal_size_bytes", "Size of the WAL file.", &l),
+            wal_max: gauge(
+                "replited_wal_max_bytes",
+                "The WAL size past which replited runs a TRUNCATE checkpoint (max-checkpoint-page-count pages).",
+                &l,
+            ),
+        }
+    }
+
+    fn checkpoint(&self, mode: &str, took: Duration) {
+        let l = [("db", self.db.as_str()), ("mode", mode)];
+        crate::metrics::counter(
+            "replited_checkpoints_total",
+            "Checkpoints run by replited, by mode.",
+            &l,
+        )
+        .inc();
+        crate::metrics::histogram(
+            "replited_checkpoint_duration_seconds",
+            "Time checkpoints took, by mode.",
+            &l,
+        )
+        .observe(took);
+    }
 }
 
 /// A reloaded configuration and where the capture loop's answer goes.
@@ -262,6 +380,14 @@ pub struct Replicator {
     health: Option<(Arc<crate::notify::Health>, usize)>,
     /// Where a reloaded configuration arrives (SIGHUP).
     reload: Option<Arc<ReloadSlot>>,
+    /// How far behind each target is (parallel to `targets`), for status and metrics.
+    follows: Vec<Follow>,
+    /// Counters and gauges of this database.
+    m: Option<DbMetrics>,
+    /// When the figures were last brought up to date.
+    last_report: Option<Instant>,
+    /// The txid last made durable in the targets.
+    durable_txid: u64,
     buf: Vec<u8>,
     out: Vec<u8>,
 }
@@ -344,6 +470,10 @@ impl Replicator {
             last_rotation: now,
             health: None,
             reload: None,
+            follows: Vec::new(),
+            m: None,
+            last_report: None,
+            durable_txid: 0,
             buf: Vec::new(),
             out: Vec::new(),
             cfg,
@@ -353,6 +483,76 @@ impl Replicator {
     /// Reports heartbeats, status and readiness to `health` as worker `index`.
     pub fn set_health(&mut self, health: Arc<crate::notify::Health>, index: usize) {
         self.health = Some((health, index));
+        self.m = Some(DbMetrics::new(&db_name(&self.db_path)));
+        self.follow_targets();
+    }
+
+    /// (Re)creates the lag trackers of the targets.
+    fn follow_targets(&mut self) {
+        let Some((h, i)) = &self.health else { return };
+        for f in self.follows.drain(..) {
+            h.untrack(&f.lag);
+        }
+        for t in &self.targets {
+            let since = Arc::new(AtomicU64::new(0));
+            let txns = Arc::new(AtomicU64::new(0));
+            let (s2, t2) = (since.clone(), txns.clone());
+            let lag = h.track(*i, "target", &t.name, move |now| {
+                let s = s2.load(Ordering::Relaxed);
+                (
+                    if s == 0 { 0 } else { now.saturating_sub(s) },
+                    t2.load(Ordering::Relaxed),
+                )
+            });
+            self.follows.push(Follow { lag, since, txns });
+        }
+    }
+
+    /// Brings status and metrics up to date (at most every 200 ms).
+    fn figures(&mut self) {
+        if self
+            .last_report
+            .is_some_and(|t| t.elapsed() < crate::notify::STATUS_EVERY)
+        {
+            return;
+        }
+        self.last_report = Some(Instant::now());
+        let pending = self
+            .batch
+            .first()
+            .map(|c| (c.header.time_ms, c.header.txid));
+        for (t, f) in self.targets.iter().zip(&self.follows) {
+            // The oldest transaction the target does not hold: in the batch not written yet, or
+            // in a file waiting for upload.
+            let waiting = t.storage.backlog().map(|m| (m.first_time_ms, m.first_txid));
+            let oldest = match (waiting, pending) {
+                (Some(w), Some(p)) => Some(if w.1 <= p.1 { w } else { p }),
+                (w, p) => w.or(p),
+            };
+            let (since, txns) = match oldest {
+                Some((time, txid)) => (time.max(1), self.txid.saturating_sub(txid) + 1),
+                None => (0, 0),
+            };
+            f.since.store(since, Ordering::Relaxed);
+            f.txns.store(txns, Ordering::Relaxed);
+            if let Some(ms) = t.storage.last_sync_ms() {
+                f.lag.last_sync_ms.store(ms, Ordering::Relaxed);
+            }
+        }
+        if let Some(m) = &self.m {
+            m.txid.set(self.durable_txid as f64);
+            m.generation.set(self.generation as f64);
+            m.db_size
+                .set(std::fs::metadata(&self.db_path).map_or(0, |x| x.len()) as f64);
+            m.wal_size
+                .set(std::fs::metadata(&self.wal_path).map_or(0, |x| x.len()) as f64);
+            let ps = u64::from(self.hashes.page_size());
+            m.wal_max.set(
+                (WAL_HEADER_LEN as u64
+                    + self.cfg.max_checkpoint_page_count * (ps + FRAME_HEADER_LEN as u64))
+                    as f64,
+            );
+        }
     }
 
     fn report(&self) {
@@ -374,6 +574,17 @@ impl Replicator {
                 }
                 line
             });
+        }
+    }
+
+    /// Everything written so far is in the targets that write synchronously (a spooled target
+    /// reports its own uploads).
+    fn synced_targets(&self) {
+        let now = now_ms();
+        for (t, f) in self.targets.iter().zip(&self.follows) {
+            if t.storage.last_sync_ms().is_none() {
+                f.lag.last_sync_ms.store(now, Ordering::Relaxed);
+            }
         }
     }
 
@@ -459,6 +670,7 @@ impl Replicator {
                 }
             ));
             self.needs_establish = true;
+            self.follow_targets();
         }
         if old.busy_timeout != new.busy_timeout {
             for c in [&self.writer, &self.ckpt, &self.guards[0], &self.guards[1]] {
@@ -507,6 +719,7 @@ impl Replicator {
         self.establish()?;
         self.announce();
         self.report();
+        self.figures();
         if let Some((h, i)) = &self.health {
             h.set_ready(*i);
         }
@@ -528,6 +741,7 @@ impl Replicator {
                 break;
             }
             self.report();
+            self.figures();
             let timeout = self.next_deadline();
             let fds_ready;
             {
@@ -630,7 +844,12 @@ impl Replicator {
         );
         self.retry_at = Some(Instant::now() + backoff);
         if let Some((h, i)) = &self.health {
-            h.error(*i, &format_args!("{e:#}"));
+            let kind = if e.is::<ContinuityLost>() {
+                "continuity"
+            } else {
+                "capture"
+            };
+            h.error(*i, kind, &format_args!("{e:#}"));
         }
     }
 
@@ -971,6 +1190,7 @@ impl Replicator {
         if self.batch.is_empty() {
             return Ok(());
         }
+        let started = Instant::now();
         let first = self.batch[0].header;
         let last = self.batch[self.batch.len() - 1].header;
         let header = self.header_for(Kind::Segment, 0, &first, &last, self.batch_wal);
@@ -1047,6 +1267,20 @@ impl Replicator {
         if let Some((h, i)) = &self.health {
             h.synced(*i, self.generation, last.txid, self.batch.len() as u64);
         }
+        self.durable_txid = last.txid;
+        self.synced_targets();
+        if let Some(m) = &self.m {
+            m.txns.add(self.batch.len() as u64);
+            m.segments.inc();
+            m.sync.observe(started.elapsed());
+            let ps = u64::from(self.hashes.page_size());
+            let frames: u64 = self
+                .batch
+                .iter()
+                .map(|c| u64::from(c.header.page_count))
+                .sum();
+            m.wal_bytes.add(frames * (ps + FRAME_HEADER_LEN as u64));
+        }
         self.batch.clear();
         self.batch_wal = None;
         self.batch_since = None;
@@ -1096,6 +1330,11 @@ impl Replicator {
         self.files.push(meta);
         self.last_snapshot = Instant::now();
         self.last_snapshot_txid = self.txid;
+        self.durable_txid = self.txid;
+        self.synced_targets();
+        if let Some(m) = &self.m {
+            m.snapshots.inc();
+        }
         Ok(())
     }
 
@@ -1390,7 +1629,11 @@ impl Replicator {
             }
             let r = (|| -> Result<()> {
                 self.sync()?;
+                let started = Instant::now();
                 let (busy, log, done) = sqlite::checkpoint(&self.ckpt, "PASSIVE")?;
+                if let Some(m) = &self.m {
+                    m.checkpoint("passive", started.elapsed());
+                }
                 tracing::debug!(busy, log, done, "PASSIVE checkpoint");
                 if log > 0 && log == done {
                     self.sync()?;
@@ -1413,7 +1656,11 @@ impl Replicator {
             sqlite::end_txn(g);
         }
         self.active = None;
+        let started = Instant::now();
         let r = sqlite::checkpoint(&self.ckpt, "TRUNCATE");
+        if let Some(m) = &self.m {
+            m.checkpoint("truncate", started.elapsed());
+        }
         sqlite::begin_read(&self.guards[0])?;
         self.active = Some(0);
         let (busy, _, _) = r?;

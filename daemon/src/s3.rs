@@ -435,6 +435,16 @@ impl Storage for S3Storage {
         self.list_after(None)
     }
 
+    fn size(&self, meta: &FileMeta) -> Result<u64> {
+        let key = self.key(meta);
+        let (head, _) = self.retry(&format!("looking up {key}"), || {
+            // Billed as a GET.
+            REQUESTS.get.fetch_add(1, Relaxed);
+            self.bucket.head_object(&key)
+        })?;
+        Ok(head.content_length.unwrap_or(0).max(0) as u64)
+    }
+
     fn create(&self, meta: &FileMeta) -> Result<Box<dyn ObjectWriter>> {
         Ok(Box::new(S3Writer {
             bucket: self.bucket.clone(),

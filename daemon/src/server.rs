@@ -16,6 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,6 +66,28 @@ pub struct Hub {
     restore_config: Option<Vec<u8>>,
     /// Where snapshots to stream are built.
     scratch: PathBuf,
+    /// The status record replicas are tracked in, with this database's index there.
+    health: std::sync::OnceLock<(Arc<crate::notify::Health>, usize)>,
+}
+
+/// A replica session tracked in the status record; untracked when dropped.
+struct ReplicaTrack {
+    health: Arc<crate::notify::Health>,
+    lag: Arc<crate::notify::Lagging>,
+    acked: Arc<AtomicU64>,
+}
+
+impl ReplicaTrack {
+    fn acked(&self, txid: u64) {
+        self.acked.store(txid, Ordering::Relaxed);
+        self.lag.last_sync_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+impl Drop for ReplicaTrack {
+    fn drop(&mut self) {
+        self.health.untrack(&self.lag);
+    }
 }
 
 /// Why transactions cannot be supplied.
@@ -101,12 +124,54 @@ impl Hub {
             changed: watch::channel(0).0,
             storage: targets(cfg)?.into_iter().map(|t| t.storage).collect(),
             restore_config,
+            health: std::sync::OnceLock::new(),
         })
     }
 
     /// The database name replicas ask for.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Tracks connected replicas in `health` (worker `index`) for status, health and metrics.
+    pub fn set_health(&self, health: Arc<crate::notify::Health>, index: usize) {
+        let _ = self.health.set((health, index));
+    }
+
+    /// Commit time (unix ms) of transaction `txid`, when it is still in memory.
+    fn commit_time(&self, txid: u64) -> Option<u64> {
+        let st = self.state.lock().expect("hub lock");
+        let i = st.recent.partition_point(|t| t.header.txid < txid);
+        st.recent
+            .get(i)
+            .filter(|t| t.header.txid == txid)
+            .map(|t| t.header.time_ms)
+            .or_else(|| st.recent.front().map(|t| t.header.time_ms))
+    }
+
+    /// Starts tracking a replica session (until the returned guard drops): its lag is the age
+    /// of the oldest durable transaction it has not acknowledged.
+    fn track(self: &Arc<Hub>, peer: &str, acked: u64) -> Option<ReplicaTrack> {
+        let (h, i) = self.health.get()?;
+        let ack = Arc::new(AtomicU64::new(acked));
+        let (hub, a) = (Arc::downgrade(self), ack.clone());
+        let lag = h.track(*i, "replica", peer, move |now| {
+            let Some(hub) = hub.upgrade() else {
+                return (0, 0);
+            };
+            let cur = hub.position().1.map_or(0, |(p, _)| p.txid);
+            let acked = a.load(Ordering::Relaxed);
+            if acked >= cur {
+                return (0, 0);
+            }
+            let since = hub.commit_time(acked + 1).unwrap_or(now);
+            (now.saturating_sub(since), cur - acked)
+        });
+        Some(ReplicaTrack {
+            health: h.clone(),
+            lag,
+            acked: ack,
+        })
     }
 
     fn bump(&self) {
@@ -589,11 +654,29 @@ async fn serve(
     if let Some((p, c)) = pos {
         s.set_position(p.generation, p.txid, c);
     }
+    // Tracked from the position it says it has (same generation), else from nothing.
+    let has = match (&first, pos) {
+        (Message::Hello { pos: Some(h), .. }, Some((p, _))) if h.generation == p.generation => {
+            h.txid
+        }
+        _ => 0,
+    };
+    let track = hub.track(peer, has);
     s.handle_message(now_ms(), first);
     let mut buf = Vec::new();
-    session_loop(&mut s, &mut fs, &hub, &mut rx, &mut buf, peer).await
+    session_loop(
+        &mut s,
+        &mut fs,
+        &hub,
+        &mut rx,
+        &mut buf,
+        peer,
+        track.as_ref(),
+    )
+    .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session_loop(
     s: &mut PrimarySession,
     fs: &mut FramedStream,
@@ -601,6 +684,7 @@ async fn session_loop(
     rx: &mut watch::Receiver<u64>,
     buf: &mut Vec<u8>,
     peer: &str,
+    track: Option<&ReplicaTrack>,
 ) -> Result<()> {
     loop {
         while let Some(ev) = s.poll_event() {
@@ -637,6 +721,9 @@ async fn session_loop(
                 PrimaryEvent::NeedSnapshot => stream_snapshot(s, fs, hub, buf, peer).await?,
                 PrimaryEvent::Acked { txid, lag } => {
                     tracing::trace!(db = %hub.name(), peer = %peer, txid, lag_ms = lag.ms, "ack");
+                    if let Some(t) = track {
+                        t.acked(txid);
+                    }
                 }
                 PrimaryEvent::Error(e) => {
                     tracing::info!(db = %hub.name(), peer = %peer, "replica session: {e}");

@@ -187,6 +187,7 @@ pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
             .map(|d| d.db.display().to_string())
             .collect(),
     );
+    crate::cli::process_metrics(crate::config::Role::Replica);
     crate::http::start(&cfg.http, health.clone())
         .with_context(|| cfg.path.display().to_string())?;
     rt.block_on(async move {
@@ -561,6 +562,7 @@ impl Follower {
                     tracing::warn!(db = %self.db.display(), "cannot reach the primary at {}: {e}; retrying in {backoff:?} (reads go on)", self.addr);
                     self.health.error(
                         self.index,
+                        "replication",
                         &format_args!("cannot reach the primary at {}: {e}", self.addr),
                     );
                     tokio::select! {
@@ -591,6 +593,7 @@ impl Follower {
                     tracing::warn!(db = %self.db.display(), "connection to the primary lost: {why}; reconnecting in {backoff:?} (reads go on)");
                     self.health.error(
                         self.index,
+                        "replication",
                         &format_args!("connection to the primary lost: {why}"),
                     );
                 }
@@ -667,6 +670,9 @@ impl Follower {
                 _ => caught_up_said = false,
             }
             self.health.beat(self.index);
+            if replica.state() == ReplicaState::Streaming {
+                self.health.set_lag(self.index, replica.lag_ms(now_ms()));
+            }
             self.health
                 .set_status(self.index, || match replica.state() {
                     ReplicaState::Streaming => format!(
@@ -1309,7 +1315,8 @@ impl BucketFollower {
                 Err(e) => {
                     if !failing {
                         tracing::warn!(db = %self.db.display(), "{e:#}; retrying (reads go on)");
-                        self.health.error(self.index, &format_args!("{e:#}"));
+                        self.health
+                            .error(self.index, "bucket", &format_args!("{e:#}"));
                         failing = true;
                     }
                 }
@@ -1357,7 +1364,8 @@ impl BucketFollower {
                         }
                         _ => {
                             tracing::warn!(db = %self.db.display(), "{e:#}; retrying");
-                            self.health.error(self.index, &format_args!("{e:#}"));
+                            self.health
+                                .error(self.index, "bucket", &format_args!("{e:#}"));
                             files = self.storage.list().unwrap_or(files);
                         }
                     },

@@ -44,6 +44,8 @@ struct Queue {
     stop: bool,
     /// The upload in progress (its spool file must stay until it ends).
     busy: Option<FileMeta>,
+    /// Unix ms of the last completed upload (0: none yet).
+    last_upload_ms: u64,
 }
 
 struct Shared {
@@ -65,15 +67,39 @@ pub struct SpoolStorage {
 impl SpoolStorage {
     /// Spools for `inner` in `dir` (created if needed), at most `limit` bytes waiting; files
     /// left there by an earlier run are queued first.
-    pub fn new(inner: Box<dyn Storage>, dir: PathBuf, limit: u64) -> Result<SpoolStorage> {
+    /// `labels`: the database's and the target's names, for the upload metrics.
+    pub fn new(
+        inner: Box<dyn Storage>,
+        dir: PathBuf,
+        limit: u64,
+        labels: (&str, &str),
+    ) -> Result<SpoolStorage> {
         fs::create_dir_all(&dir)
             .with_context(|| format!("creating the spool {}", dir.display()))?;
-        let s = SpoolStorage::start(inner, dir, limit);
+        let l = [("db", labels.0), ("target", labels.1)];
+        let metrics = UploadMetrics {
+            upload: crate::metrics::histogram(
+                "replited_upload_duration_seconds",
+                "Time an upload to a remote target took (successful ones).",
+                &l,
+            ),
+            errors: crate::metrics::counter(
+                "replited_errors_total",
+                "Errors by kind (each retried).",
+                &[("db", labels.0), ("kind", "upload")],
+            ),
+        };
+        let s = SpoolStorage::start(inner, dir, limit, metrics);
         s.recover()?;
         Ok(s)
     }
 
-    fn start(inner: Box<dyn Storage>, dir: PathBuf, limit: u64) -> SpoolStorage {
+    fn start(
+        inner: Box<dyn Storage>,
+        dir: PathBuf,
+        limit: u64,
+        metrics: UploadMetrics,
+    ) -> SpoolStorage {
         let inner: Arc<dyn Storage> = Arc::from(inner);
         let shared = Arc::new(Shared {
             q: Mutex::new(Queue::default()),
@@ -83,7 +109,7 @@ impl SpoolStorage {
             let (inner, shared, dir) = (inner.clone(), shared.clone(), dir.clone());
             std::thread::Builder::new()
                 .name("upload".into())
-                .spawn(move || upload_loop(&*inner, &shared, &dir))
+                .spawn(move || upload_loop(&*inner, &shared, &dir, metrics))
                 .ok()
         };
         SpoolStorage {
@@ -201,7 +227,13 @@ impl Drop for SpoolStorage {
     }
 }
 
-fn upload_loop(inner: &dyn Storage, shared: &Shared, dir: &Path) {
+/// The upload thread's metrics.
+struct UploadMetrics {
+    upload: Arc<crate::metrics::Histogram>,
+    errors: Arc<crate::metrics::Counter>,
+}
+
+fn upload_loop(inner: &dyn Storage, shared: &Shared, dir: &Path, metrics: UploadMetrics) {
     let mut delay = Duration::from_millis(100);
     loop {
         let job = {
@@ -219,6 +251,7 @@ fn upload_loop(inner: &dyn Storage, shared: &Shared, dir: &Path) {
                 q = shared.cv.wait(q).expect("spool lock");
             }
         };
+        let started = Instant::now();
         let r = match &job {
             Job::Upload(m, _) => {
                 let p = dir.join(m.path());
@@ -228,11 +261,19 @@ fn upload_loop(inner: &dyn Storage, shared: &Shared, dir: &Path) {
             }
             Job::Delete(ms) => inner.delete(ms),
         };
+        match (&r, &job) {
+            (Ok(()), Job::Upload(..)) => metrics.upload.observe(started.elapsed()),
+            (Err(_), _) => metrics.errors.inc(),
+            _ => {}
+        }
         let mut q = shared.q.lock().expect("spool lock");
         q.busy = None;
         shared.cv.notify_all();
         match r {
             Ok(()) => {
+                if matches!(job, Job::Upload(..)) {
+                    q.last_upload_ms = crate::replicate::now_ms();
+                }
                 if let Some((since, _)) = q.failing.take() {
                     tracing::info!(
                         "{} answers again after {:.0?}; {} bytes still wait in the spool",
@@ -335,6 +376,21 @@ impl Storage for SpoolStorage {
         self.inner.describe()
     }
 
+    fn backlog(&self) -> Option<FileMeta> {
+        let q = self.shared.q.lock().expect("spool lock");
+        q.busy
+            .into_iter()
+            .chain(q.jobs.iter().filter_map(|j| match j {
+                Job::Upload(m, _) => Some(*m),
+                Job::Delete(_) => None,
+            }))
+            .min_by_key(|m| (m.first_txid, m.first_time_ms))
+    }
+
+    fn last_sync_ms(&self) -> Option<u64> {
+        Some(self.shared.q.lock().expect("spool lock").last_upload_ms)
+    }
+
     fn degraded(&self) -> Option<String> {
         let q = self.shared.q.lock().expect("spool lock");
         let (since, e) = q.failing.as_ref()?;
@@ -348,6 +404,10 @@ impl Storage for SpoolStorage {
 
     fn check_writable(&self) -> Result<()> {
         self.inner.check_writable()
+    }
+
+    fn size(&self, meta: &FileMeta) -> Result<u64> {
+        self.local.size(meta).or_else(|_| self.inner.size(meta))
     }
 
     fn list(&self) -> Result<Vec<FileMeta>> {

@@ -50,6 +50,21 @@ pub trait Storage: Send + Sync {
         None
     }
 
+    /// The stored size of a file in bytes.
+    fn size(&self, meta: &FileMeta) -> Result<u64>;
+
+    /// The oldest file written to this target that is not yet stored for good (a spooled
+    /// target's oldest upload still waiting); None when everything written is stored.
+    fn backlog(&self) -> Option<FileMeta> {
+        None
+    }
+
+    /// Unix ms of the last upload that completed, for a target that stores asynchronously
+    /// (None: it stores synchronously, as each write returns).
+    fn last_sync_ms(&self) -> Option<u64> {
+        None
+    }
+
     /// Writes a whole file atomically and durably.
     fn put(&self, meta: &FileMeta, data: &[u8]) -> Result<()> {
         let mut w = self.create(meta)?;
@@ -154,6 +169,13 @@ impl Storage for FsStorage {
             }
         }
         Ok(())
+    }
+
+    fn size(&self, meta: &FileMeta) -> Result<u64> {
+        let p = self.path(meta);
+        Ok(fs::metadata(&p)
+            .with_context(|| format!("{}", p.display()))?
+            .len())
     }
 
     fn list(&self) -> Result<Vec<FileMeta>> {

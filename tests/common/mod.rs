@@ -3,6 +3,7 @@
 //! `tests/load.py` run by the real python3 sqlite3 module.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod netns;
 pub mod s3;
 

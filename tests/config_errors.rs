@@ -196,3 +196,137 @@ fn replica_sidecar_config_errors() {
     assert!(err.contains("does not exist"), "{err}");
     assert!(!db.exists());
 }
+
+/// Runs the binary with `args` after `-c CONFIG` (written to bad.toml); (exit code, stderr).
+/// A command that keeps running is killed and reported.
+fn run_with(w: &World, config: &str, args: &[&str]) -> (Option<i32>, String) {
+    let p = w.path("bad.toml");
+    fs::write(&p, config).unwrap();
+    let mut child = Command::new(bin())
+        .args(["-c", p.to_str().unwrap()])
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{args:?} accepted this config and ran:\n{config}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    (o.status.code(), stderr(&o))
+}
+
+/// `role`, `[replica]` and `[http]` are checked like the rest, and a command refuses a config
+/// declaring the other role, pointing to the right command; nothing is created meanwhile.
+#[test]
+fn role_replica_and_http_errors() {
+    let w = World::new("");
+    let good = fs::read_to_string(&w.config).unwrap();
+    let replica_db = w.path("replica/data.db");
+    fs::create_dir_all(replica_db.parent().unwrap()).unwrap();
+    let replica = format!("[[database]]\ndb = \"{}\"\n[[database.replicate]]\nname = \"p\"\nparams.type = \"stream\"\nparams.addr = \"http://127.0.0.1:50051\"\nparams.tls_ca = \"{}\"\n", replica_db.display(), w.config.display());
+    let cases: Vec<(String, &[&str], Vec<&str>)> = vec![
+        (
+            format!("role = \"leader\"\n{good}"),
+            &["replicate"],
+            vec!["invalid role", "leader", "\"primary\"", "\"replica\""],
+        ),
+        (
+            format!("role = \"leader\"\n{good}"),
+            &["run"],
+            vec!["invalid role", "leader", "\"primary\"", "\"replica\""],
+        ),
+        (
+            format!("{good}\n[replica]\nexec = \"true\"\n"),
+            &["replicate"],
+            vec!["[replica]", "role = \"replica\""],
+        ),
+        (
+            format!("role = \"primary\"\n{good}\n[replica]\nexit-on-rebuild = true\n"),
+            &["run"],
+            vec!["[replica]", "role = \"replica\""],
+        ),
+        (
+            format!("{good}\n[http]\naddr = \"nonsense\"\n"),
+            &["replicate"],
+            vec!["http.addr", "nonsense", "HOST:PORT"],
+        ),
+        (
+            format!("{good}\n[http]\naddr = \"127.0.0.1:99999\"\n"),
+            &["replicate"],
+            vec!["http.addr", "127.0.0.1:99999"],
+        ),
+        (
+            format!("{good}\n[http]\naddress = \"127.0.0.1:9090\"\n"),
+            &["replicate"],
+            vec!["unknown", "address"],
+        ),
+        (
+            format!("role = \"replica\"\n{replica}"),
+            &["replicate"],
+            vec!["role = \"replica\"", "replited run", "replica-sidecar"],
+        ),
+        (
+            format!("role = \"primary\"\n{replica}"),
+            &["replica-sidecar"],
+            vec!["role = \"primary\"", "replited run", "replicate"],
+        ),
+        (
+            format!(
+                "role = \"replica\"\n{replica}\n[replica]\nexec = \"x\"\nexit-on-rebuild = true\n"
+            ),
+            &["run"],
+            vec!["exit-on-rebuild", "exec"],
+        ),
+        (
+            format!(
+                "role = \"replica\"\n{replica}\n[replica]\nexec = \"x\"\nexit-on-rebuild = true\n"
+            ),
+            &["replica-sidecar"],
+            vec!["exit-on-rebuild", "exec"],
+        ),
+        (
+            format!("role = \"replica\"\n{replica}\n[replica]\nrestart-on-schema-change = true\n"),
+            &["run"],
+            vec!["restart-on-schema-change", "exec"],
+        ),
+        (
+            format!("role = \"replica\"\n{replica}\n[replica]\nexec = \"x\"\nrestart-after = 5\n"),
+            &["run"],
+            vec!["unknown", "restart-after"],
+        ),
+    ];
+    for (cfg, args, needles) in cases {
+        let (code, err) = run_with(&w, &cfg, args);
+        assert_eq!(
+            code,
+            Some(1),
+            "{args:?} must exit 1 for this config:\n{cfg}\nstderr: {err}"
+        );
+        for needle in needles {
+            assert!(
+                err.contains(needle),
+                "{args:?}: the error does not say {needle:?}: {err}\nconfig:\n{cfg}"
+            );
+        }
+        assert!(
+            !err.contains("capturing") && !err.contains("connecting"),
+            "{args:?} started working before refusing: {err}"
+        );
+    }
+    assert!(!w.backup.exists(), "a refused primary created its backup");
+    assert!(
+        !replica_db.exists(),
+        "a refused replica created its database"
+    );
+    assert_eq!(
+        fs::read_dir(replica_db.parent().unwrap()).unwrap().count(),
+        0,
+        "a refused replica wrote beside its database"
+    );
+}

@@ -90,16 +90,149 @@ fn sighup_reloads_the_log_level() {
     .unwrap();
     d.wait_for_log("reloaded", Duration::from_secs(10));
     n.wait_for("RELOADING=1|MONOTONIC_USEC=", Duration::from_secs(5));
-    let msgs = n.messages();
-    let reloading = msgs
-        .iter()
-        .position(|m| m.starts_with("RELOADING=1"))
-        .unwrap();
-    assert!(
-        msgs[reloading + 1..].iter().any(|m| m.contains("READY=1")),
-        "READY=1 after RELOADING=1: {msgs:?}"
-    );
+    // READY=1 follows once the capture loop took the new settings.
+    let start = std::time::Instant::now();
+    loop {
+        let msgs = n.messages();
+        let reloading = msgs
+            .iter()
+            .position(|m| m.starts_with("RELOADING=1"))
+            .unwrap();
+        if msgs[reloading + 1..].iter().any(|m| m.contains("READY=1")) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no READY=1 after RELOADING=1: {msgs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     run_load(&w.db, 21, 40);
     d.wait_for_log("segment written", Duration::from_secs(10));
     d.stop();
+}
+
+/// The fields of each notification (one datagram's lines, joined with `|` by the listener).
+fn fields(m: &str) -> Vec<&str> {
+    m.split('|').collect()
+}
+
+/// The order systemd relies on, in what a listener received: one READY=1, before any
+/// WATCHDOG=1 and carrying the first status line; `progress` (a STATUS= update) after it; one
+/// STOPPING=1 (with STATUS=stopping) and after it nothing but watchdog pings (no READY=1, no
+/// STATUS= overwriting "stopping").
+fn check_order(all: &[String], progress: &str) {
+    let has = |m: &String, f: &str| fields(m).contains(&f);
+    let ready: Vec<usize> = (0..all.len())
+        .filter(|&i| has(&all[i], "READY=1"))
+        .collect();
+    assert_eq!(ready.len(), 1, "one READY=1: {all:?}");
+    let ready = ready[0];
+    assert!(
+        fields(&all[ready])
+            .iter()
+            .any(|f| f.starts_with("STATUS=data.db: ")),
+        "READY=1 comes with the database's status line: {all:?}"
+    );
+    let watchdogs: Vec<usize> = (0..all.len())
+        .filter(|&i| has(&all[i], "WATCHDOG=1"))
+        .collect();
+    assert!(watchdogs.len() >= 2, "WATCHDOG=1 while running: {all:?}");
+    assert!(
+        watchdogs.iter().all(|&w| w > ready),
+        "WATCHDOG=1 before READY=1: {all:?}"
+    );
+    let progress_at = all
+        .iter()
+        .position(|m| m.starts_with("STATUS=") && m.contains(progress))
+        .unwrap_or_else(|| panic!("no STATUS= update with {progress:?}: {all:?}"));
+    assert!(progress_at > ready, "{progress:?} before READY=1: {all:?}");
+    let stopping: Vec<usize> = (0..all.len())
+        .filter(|&i| has(&all[i], "STOPPING=1"))
+        .collect();
+    assert_eq!(stopping.len(), 1, "one STOPPING=1: {all:?}");
+    let stopping = stopping[0];
+    assert!(stopping > progress_at && stopping > ready, "{all:?}");
+    assert!(has(&all[stopping], "STATUS=stopping"), "{all:?}");
+    assert!(
+        all[stopping + 1..].iter().all(|m| m == "WATCHDOG=1"),
+        "after STOPPING=1 only watchdog pings may come: {all:?}"
+    );
+}
+
+/// A primary: READY=1 first, STATUS= updates after it, STOPPING=1 last.
+#[test]
+fn primary_notifications_come_in_order() {
+    let w = World::new("");
+    let n = NotifyListener::start(w.dir.path());
+    let log = w.path("replited.log");
+    let child = Command::new(bin())
+        .args(["-c", w.config.to_str().unwrap(), "replicate"])
+        .env("NOTIFY_SOCKET", &n.socket)
+        .env("WATCHDOG_USEC", "2000000")
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let d = Daemon { child, log };
+    n.wait_for("READY=1", Duration::from_secs(30));
+    run_load(&w.db, 1, 50);
+    n.wait_for("txid 51", Duration::from_secs(10));
+    // Two watchdog ticks (every second).
+    std::thread::sleep(Duration::from_millis(2200));
+    d.stop();
+    n.wait_for("STOPPING=1", Duration::from_secs(5));
+    // Anything sent after it arrives meanwhile.
+    std::thread::sleep(Duration::from_millis(300));
+    check_order(&n.messages(), "txid 51");
+}
+
+/// A replica (`replica-sidecar`): READY=1 once caught up, before any WATCHDOG=1, then its
+/// streaming status, STOPPING=1 last.
+#[test]
+fn replica_notifications_come_in_order() {
+    let w = World::new("");
+    let d = w.dir.path();
+    let certs = d.join("certs");
+    make_certs(&certs, &["127.0.0.1"]);
+    let c = certs.display();
+    let port = free_udp_port();
+    let cfg = fs::read_to_string(&w.config).unwrap();
+    fs::write(
+        &w.config,
+        format!("{cfg}\n[[database.replicate]]\nname = \"stream\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"quic://127.0.0.1:{port}\"\ntls_cert = \"{c}/primary.pem\"\ntls_key = \"{c}/primary-key.pem\"\n"),
+    )
+    .unwrap();
+    let rdir = d.join("replica");
+    fs::create_dir_all(&rdir).unwrap();
+    let rdb = rdir.join("data.db");
+    let rcfg = d.join("replica.toml");
+    fs::write(
+        &rcfg,
+        format!("[log]\nlevel = \"debug\"\n\n[[database]]\ndb = \"{}\"\n\n[[database.replicate]]\nname = \"primary\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"http://127.0.0.1:{port}\"\ntls_ca = \"{c}/ca.pem\"\n", rdb.display()),
+    )
+    .unwrap();
+    let p = w.start("auto");
+    run_load(&w.db, 1, 200);
+    let n = NotifyListener::start(&rdir);
+    let log = w.path("replica.log");
+    let child = Command::new(bin())
+        .args(["-c", rcfg.to_str().unwrap(), "replica-sidecar"])
+        .env("NOTIFY_SOCKET", &n.socket)
+        .env("WATCHDOG_USEC", "2000000")
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let r = Daemon { child, log };
+    n.wait_for("READY=1", Duration::from_secs(30));
+    assert_eq!(state(&rdb), expect(200), "READY=1 before catching up");
+    run_load(&w.db, 201, 220);
+    n.wait_for("streaming at txid 221", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(2200));
+    r.stop();
+    n.wait_for("STOPPING=1", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(300));
+    check_order(&n.messages(), "streaming at txid 221");
+    p.stop();
 }

@@ -428,6 +428,17 @@ impl Health {
         }
     }
 
+    /// Sets worker `i`'s status line at once (what `READY=1` will carry), whatever the rate
+    /// limit of [`Health::set_status`].
+    pub fn set_status_now(&self, i: usize, line: String) {
+        if let Some(slot) = self.status.lock().expect("status lock").get_mut(i) {
+            *slot = line;
+        }
+        if let Some(at) = self.status_at.get(i) {
+            at.store(self.now_ms().max(1), Ordering::Relaxed);
+        }
+    }
+
     /// Worker `i` is under way; `READY=1` once all are.
     pub fn set_ready(&self, i: usize) {
         self.beat(i);
@@ -471,12 +482,17 @@ impl Health {
                 let mut last = String::new();
                 while !h.stop.load(Ordering::SeqCst) {
                     std::thread::sleep(tick);
+                    if h.stop.load(Ordering::SeqCst) {
+                        // STOPPING=1 (and its "stopping" status) was the last word.
+                        break;
+                    }
                     let line = h.line();
                     if line != last {
                         let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
                         last = line;
                     }
-                    if let Some(w) = watchdog {
+                    // The watchdog is armed once start-up completes (READY=1).
+                    if let Some(w) = watchdog.filter(|_| h.told_ready.load(Ordering::SeqCst)) {
                         let now = h.now_ms();
                         let limit = w.as_millis() as u64;
                         let stale: Vec<usize> = h

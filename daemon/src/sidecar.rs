@@ -664,6 +664,15 @@ impl Follower {
                         lag_ms = replica.lag_ms(now_ms()).unwrap_or(0),
                         "caught up with the primary: streaming"
                     );
+                    self.health.set_status_now(
+                        self.index,
+                        format!(
+                            "{}: streaming at txid {}, lag {} ms",
+                            self.name,
+                            a.map_or(0, |a| a.pos.txid),
+                            replica.lag_ms(now_ms()).unwrap_or(0)
+                        ),
+                    );
                     let _ = self.sup.send(SupMsg::CaughtUp(self.index));
                 }
                 ReplicaState::Streaming => {}
@@ -1373,6 +1382,10 @@ impl BucketFollower {
                 if !said {
                     said = true;
                     tracing::info!(db = %self.db.display(), txid = applied.pos.txid, "caught up with the bucket: following");
+                    self.health.set_status_now(
+                        self.index,
+                        format!("following the bucket at txid {}", applied.pos.txid),
+                    );
                     let _ = self.sup.send(SupMsg::CaughtUp(self.index));
                 }
             }

@@ -1,0 +1,1 @@
+//! Placeholder: the crash suite is being written (issue 9).

@@ -1,0 +1,1 @@
+//! Placeholder: the hostile suite is being written (issue 9).

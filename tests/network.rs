@@ -1,0 +1,1 @@
+//! Placeholder: the network suite is being written (issue 9).

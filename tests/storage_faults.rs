@@ -1,0 +1,1 @@
+//! Placeholder: the storage_faults suite is being written (issue 9).

@@ -113,6 +113,19 @@ impl Container {
         c
     }
 
+    /// Boots a container with nothing of replited's in it, not even the binary: a clean host
+    /// for installing the packages (`tests/packages.rs`). The binary `boot_bare` binds at
+    /// `/usr/bin/replited` is unmounted (in the namespace of PID 1, which every service started
+    /// afterwards inherits) and the empty file nspawn made for the mount point removed, so that
+    /// a package can install its own `/usr/bin/replited`.
+    pub fn boot_clean() -> Container {
+        let c = Container::boot_bare();
+        c.sh_ok(
+            "umount /usr/bin/replited && rm -f /usr/bin/replited && ! test -e /usr/bin/replited",
+        );
+        c
+    }
+
     /// Boots a container without installing anything of replited's but the binary.
     pub fn boot_bare() -> Container {
         need("systemd-nspawn", "systemd-container");

@@ -81,6 +81,9 @@ struct ExitForRebuild(String);
 const RESTORE_PROGRESS: Duration = Duration::from_secs(5);
 /// How much more start-up time a restore asks for, when it starts and at each sign of progress.
 const RESTORE_EXTEND: Duration = Duration::from_secs(30);
+/// A bucket replica lists the whole prefix every this many polls (the others list only what
+/// sorts after the newest file seen).
+const FULL_LIST_EVERY: u64 = 10;
 /// How often the replica's WAL is checkpointed (by a connection of its own).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// How often a write made on the replica is looked for.
@@ -1304,6 +1307,7 @@ impl BucketFollower {
         let mut files = self.storage.list()?;
         let mut said = false;
         let mut failing = false;
+        let mut polls = 0u64;
         loop {
             // Local writes, then what is new in the bucket.
             if let Some(a) = local.applier.as_mut() {
@@ -1312,14 +1316,28 @@ impl BucketFollower {
                     files = self.storage.list()?;
                 }
             }
+            // New files sort after the last one seen, except a compaction's merged file, which
+            // is named after its first transaction: a full listing now and then finds those (and
+            // drops the files compaction deleted).
+            polls += 1;
+            let full = polls % FULL_LIST_EVERY == 0;
             let last = files.iter().max_by_key(|m| m.path()).copied();
-            match self.storage.list_after(last.as_ref()) {
+            let listed = if full {
+                self.storage.list()
+            } else {
+                self.storage.list_after(last.as_ref())
+            };
+            match listed {
                 Ok(new) => {
                     if failing {
                         tracing::info!(db = %self.db.display(), "{} answers again", self.storage.describe());
                         failing = false;
                     }
-                    files.extend(new);
+                    if full {
+                        files = new;
+                    } else {
+                        files.extend(new);
+                    }
                 }
                 Err(e) => {
                     if !failing {

@@ -1369,17 +1369,29 @@ impl BucketFollower {
                     Ok(true) => {}
                     Ok(false) => {
                         // A file it needs is gone or was compacted under an earlier key:
-                        // list everything once.
-                        files = self.storage.list()?;
-                        if !self.catch_up(&mut local, &files, &mut applied)? {
-                            applied = self.rebuild(
-                                &mut local,
-                                &format!(
-                                    "history after txid {} is no longer in the bucket",
-                                    applied.pos.txid
-                                ),
-                            )?;
-                            files = self.storage.list()?;
+                        // list everything once. A file deleted between that listing and its
+                        // download (the primary's compaction) is retried at the next poll.
+                        let again = self.storage.list().and_then(|f| {
+                            files = f;
+                            self.catch_up(&mut local, &files, &mut applied)
+                        });
+                        match again {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                applied = self.rebuild(
+                                    &mut local,
+                                    &format!(
+                                        "history after txid {} is no longer in the bucket",
+                                        applied.pos.txid
+                                    ),
+                                )?;
+                                files = self.storage.list()?;
+                            }
+                            Err(e) => {
+                                tracing::warn!(db = %self.db.display(), "{e:#}; retrying");
+                                self.health
+                                    .error(self.index, "bucket", &format_args!("{e:#}"));
+                            }
                         }
                     }
                     Err(e) => match e.downcast_ref::<ApplyError>() {

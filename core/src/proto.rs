@@ -32,6 +32,12 @@ pub const FRAME_HEADER_LEN: usize = 4;
 pub const MAX_DB_NAME_LEN: usize = 255;
 /// The longest [`Message::Error`] message, in bytes.
 pub const MAX_ERROR_MESSAGE_LEN: usize = 4096;
+/// The largest frame payload a primary accepts from a replica: 64 KiB. A
+/// replica's messages (Hello, Ack, Heartbeat, requests, an Error of at most
+/// [`MAX_ERROR_MESSAGE_LEN`] bytes) are small; refusing anything longer as
+/// soon as its length is in bounds what a peer can make a primary buffer and
+/// decode ([`FrameDecoder::with_limit`]).
+pub const MAX_REPLICA_FRAME_LEN: u32 = 64 * 1024;
 /// Page data carried by one `Txn` or `TxnPart` message at most: a larger
 /// transaction is sent as `TxnPart`s followed by its `Txn`.
 pub const MAX_MESSAGE_DATA: usize = 8 * 1024 * 1024;
@@ -288,6 +294,14 @@ pub enum ProtoError {
     EmptyFrame,
     /// A frame length above MAX_FRAME_LEN (refused before buffering it).
     FrameTooLarge(u32),
+    /// A frame length above the receiver's own, lower limit
+    /// ([`FrameDecoder::with_limit`]; refused before buffering it).
+    FrameAboveLimit {
+        /// The frame's length.
+        len: u32,
+        /// The receiver's limit.
+        limit: u32,
+    },
     /// A message that is too large to frame.
     MessageTooLarge(usize),
     /// A frame whose payload is not a postcard-encoded message.
@@ -386,6 +400,10 @@ impl fmt::Display for ProtoError {
             FrameTooLarge(n) => write!(
                 f,
                 "frame length {n} above the limit of {MAX_FRAME_LEN} bytes"
+            ),
+            FrameAboveLimit { len, limit } => write!(
+                f,
+                "frame length {len} above this receiver's limit of {limit} bytes"
             ),
             MessageTooLarge(n) => write!(
                 f,
@@ -488,17 +506,37 @@ pub fn decode_payload(payload: &[u8]) -> Result<Message, ProtoError> {
 /// A streaming frame decoder: push bytes as they arrive, poll messages.
 ///
 /// The first error is sticky: the stream cannot be resynchronised after it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
     start: usize,
     failed: Option<ProtoError>,
+    limit: u32,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> FrameDecoder {
+        FrameDecoder::with_limit(MAX_FRAME_LEN)
+    }
 }
 
 impl FrameDecoder {
     /// A decoder that has seen no bytes.
     pub fn new() -> FrameDecoder {
         FrameDecoder::default()
+    }
+
+    /// A decoder that also refuses frames longer than `limit` (at most
+    /// [`MAX_FRAME_LEN`]) with [`ProtoError::FrameAboveLimit`], as soon as
+    /// their length is in: for a peer whose messages are known to be small
+    /// ([`MAX_REPLICA_FRAME_LEN`]).
+    pub fn with_limit(limit: u32) -> FrameDecoder {
+        FrameDecoder {
+            buf: Vec::new(),
+            start: 0,
+            failed: None,
+            limit: limit.min(MAX_FRAME_LEN),
+        }
     }
 
     /// Feeds the next bytes of the stream.
@@ -532,6 +570,11 @@ impl FrameDecoder {
             Some(ProtoError::EmptyFrame)
         } else if len > MAX_FRAME_LEN {
             Some(ProtoError::FrameTooLarge(len))
+        } else if len > self.limit {
+            Some(ProtoError::FrameAboveLimit {
+                len,
+                limit: self.limit,
+            })
         } else {
             None
         };

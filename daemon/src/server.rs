@@ -25,7 +25,7 @@ use replited_core::format::{Event, Kind};
 use replited_core::name::FileMeta;
 use replited_core::pos::Pos;
 use replited_core::primary::{PrimaryConfig, PrimaryEvent, PrimarySession};
-use replited_core::proto::{Message, Txn, TxnInfo};
+use replited_core::proto::{Message, Txn, TxnInfo, MAX_REPLICA_FRAME_LEN};
 use tokio::sync::watch;
 
 use crate::config::{db_name, DbConfig, S3Params, StreamParams, TargetParams};
@@ -593,6 +593,10 @@ async fn accept_loop(ep: quinn::Endpoint, hubs: Arc<HashMap<String, Arc<Hub>>>) 
             loop {
                 match FramedStream::accept(&conn).await {
                     Ok(fs) => {
+                        // A replica's messages are small: a longer frame is refused at its
+                        // length, so a peer cannot make the primary buffer or decode 16 MiB
+                        // per stream.
+                        let fs = fs.with_frame_limit(MAX_REPLICA_FRAME_LEN);
                         let hubs = hubs.clone();
                         let peer = peer.clone();
                         tokio::spawn(async move {

@@ -459,6 +459,14 @@ impl FramedStream {
         }
     }
 
+    /// Refuses frames longer than `limit` bytes (at most `MAX_FRAME_LEN`) as soon as their
+    /// length is in, before buffering them: for a peer whose messages are known to be small (a
+    /// primary reading a replica, `MAX_REPLICA_FRAME_LEN`). Call before receiving anything.
+    pub fn with_frame_limit(mut self, limit: u32) -> FramedStream {
+        self.decoder = FrameDecoder::with_limit(limit);
+        self
+    }
+
     /// Opens a new stream on `conn` (the replica's side: it speaks first, and the peer sees
     /// the stream when the first message arrives).
     pub async fn open(conn: &Connection) -> Result<FramedStream, TransportError> {

@@ -73,5 +73,11 @@ fn units_verify_and_are_hardened() {
         );
     }
     let socket = fs::read_to_string(units.join("replited@.socket")).unwrap();
-    assert!(socket.contains("ListenDatagram=") && socket.contains("FileDescriptorName=quic"));
+    for needed in [
+        "ListenDatagram=",
+        "ListenStream=127.0.0.1:",
+        "FileDescriptorName=",
+    ] {
+        assert!(socket.contains(needed), "replited@.socket lacks {needed:?}");
+    }
 }

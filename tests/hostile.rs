@@ -80,26 +80,6 @@ fn hello(db: &str, pos: Option<Pos>) -> Message {
     }
 }
 
-/// Waits until the replica's (last txid, content hash) equals the primary's; the time it took.
-fn wait_converged(primary: &Path, replica: &Path, limit: Duration, logs: &[&Daemon]) -> Duration {
-    let start = Instant::now();
-    loop {
-        let want = state(primary);
-        if replica.exists() && state(replica) == want {
-            return start.elapsed();
-        }
-        if start.elapsed() > limit {
-            let logs: Vec<String> = logs.iter().map(|d| d.log_text()).collect();
-            panic!(
-                "the replica did not converge within {limit:?}: primary {want:?}, replica {:?}\n{}",
-                replica.exists().then(|| state(replica)),
-                logs.join("\n-----\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Every file under `dir`, recursively (relative paths), sorted.
 fn tree(dir: &Path) -> Vec<PathBuf> {
     fn walk(root: &Path, d: &Path, out: &mut Vec<PathBuf>) {

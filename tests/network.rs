@@ -18,7 +18,6 @@ mod udp_proxy;
 use std::fs;
 use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,26 +29,6 @@ use udp_proxy::{Faults, Stats, UdpProxy};
 
 /// The replica log line of a connection that died.
 const LOST: &str = "connection to the primary lost";
-
-/// Waits until the replica's (last txid, content hash) equals the primary's; the time it took.
-fn wait_converged(primary: &Path, replica: &Path, limit: Duration, logs: &[&Daemon]) -> Duration {
-    let start = Instant::now();
-    loop {
-        let want = state(primary);
-        if replica.exists() && state(replica) == want {
-            return start.elapsed();
-        }
-        if start.elapsed() > limit {
-            let logs: Vec<String> = logs.iter().map(|d| d.log_text()).collect();
-            panic!(
-                "the replica did not converge within {limit:?}: primary {want:?}, replica {:?}\n{}",
-                replica.exists().then(|| state(replica)),
-                logs.join("\n-----\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// One fault and how long it lasts.
 struct Fault {

@@ -8,22 +8,32 @@ use std::fs;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::cluster::{Cluster, Opts};
 use common::*;
+
+/// `replited replicate` on the world's config, telling a stand-in service manager `n` (with
+/// a watchdog of `watchdog_usec`).
+fn notified_primary(w: &World, n: &NotifyListener, watchdog_usec: Option<&str>) -> Daemon {
+    let log = w.path("replited.log");
+    let mut cmd = Command::new(bin());
+    cmd.args(["-c", w.config.to_str().unwrap(), "replicate"])
+        .env("NOTIFY_SOCKET", &n.socket);
+    if let Some(u) = watchdog_usec {
+        cmd.env("WATCHDOG_USEC", u);
+    }
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Daemon { child, log }
+}
 
 #[test]
 fn replicate_tells_systemd_ready_status_watchdog_stopping() {
     let w = World::new("");
     let n = NotifyListener::start(w.dir.path());
-    let log = w.path("replited.log");
-    let child = Command::new(bin())
-        .args(["-c", w.config.to_str().unwrap(), "replicate"])
-        .env("NOTIFY_SOCKET", &n.socket)
-        .env("WATCHDOG_USEC", "1000000")
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let d = Daemon { child, log };
+    let d = notified_primary(&w, &n, Some("1000000"));
     n.wait_for("READY=1", Duration::from_secs(30));
     run_load(&w.db, 1, 50);
     n.wait_for("txid 51", Duration::from_secs(10));
@@ -61,15 +71,7 @@ fn sighup_reloads_the_log_level() {
     )
     .unwrap();
     let n = NotifyListener::start(w.dir.path());
-    let log = w.path("replited.log");
-    let child = Command::new(bin())
-        .args(["-c", w.config.to_str().unwrap(), "replicate"])
-        .env("NOTIFY_SOCKET", &n.socket)
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let d = Daemon { child, log };
+    let d = notified_primary(&w, &n, None);
     n.wait_for("READY=1", Duration::from_secs(30));
     run_load(&w.db, 1, 20);
     std::thread::sleep(Duration::from_millis(300));
@@ -165,16 +167,7 @@ fn check_order(all: &[String], progress: &str) {
 fn primary_notifications_come_in_order() {
     let w = World::new("");
     let n = NotifyListener::start(w.dir.path());
-    let log = w.path("replited.log");
-    let child = Command::new(bin())
-        .args(["-c", w.config.to_str().unwrap(), "replicate"])
-        .env("NOTIFY_SOCKET", &n.socket)
-        .env("WATCHDOG_USEC", "2000000")
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let d = Daemon { child, log };
+    let d = notified_primary(&w, &n, Some("2000000"));
     n.wait_for("READY=1", Duration::from_secs(30));
     run_load(&w.db, 1, 50);
     n.wait_for("txid 51", Duration::from_secs(10));
@@ -191,43 +184,17 @@ fn primary_notifications_come_in_order() {
 /// streaming status, STOPPING=1 last.
 #[test]
 fn replica_notifications_come_in_order() {
-    let w = World::new("");
-    let d = w.dir.path();
-    let certs = d.join("certs");
-    make_certs(&certs, &["127.0.0.1"]);
-    let c = certs.display();
-    let port = free_udp_port();
-    let cfg = fs::read_to_string(&w.config).unwrap();
-    fs::write(
-        &w.config,
-        format!("{cfg}\n[[database.replicate]]\nname = \"stream\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"quic://127.0.0.1:{port}\"\ntls_cert = \"{c}/primary.pem\"\ntls_key = \"{c}/primary-key.pem\"\n"),
-    )
-    .unwrap();
-    let rdir = d.join("replica");
-    fs::create_dir_all(&rdir).unwrap();
-    let rdb = rdir.join("data.db");
-    let rcfg = d.join("replica.toml");
-    fs::write(
-        &rcfg,
-        format!("[log]\nlevel = \"debug\"\n\n[[database]]\ndb = \"{}\"\n\n[[database.replicate]]\nname = \"primary\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"http://127.0.0.1:{port}\"\ntls_ca = \"{c}/ca.pem\"\n", rdb.display()),
-    )
-    .unwrap();
-    let p = w.start("auto");
-    run_load(&w.db, 1, 200);
-    let n = NotifyListener::start(&rdir);
-    let log = w.path("replica.log");
-    let child = Command::new(bin())
-        .args(["-c", rcfg.to_str().unwrap(), "replica-sidecar"])
-        .env("NOTIFY_SOCKET", &n.socket)
-        .env("WATCHDOG_USEC", "2000000")
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let r = Daemon { child, log };
+    let c = Cluster::new(Opts::default());
+    let p = c.primary();
+    run_load(&c.pdb, 1, 200);
+    let n = NotifyListener::start(c.dir.path());
+    let mut cmd = Command::new(bin());
+    cmd.env("NOTIFY_SOCKET", &n.socket)
+        .env("WATCHDOG_USEC", "2000000");
+    let r = c.replica_cmd(cmd, &[]);
     n.wait_for("READY=1", Duration::from_secs(30));
-    assert_eq!(state(&rdb), expect(200), "READY=1 before catching up");
-    run_load(&w.db, 201, 220);
+    assert_eq!(state(&c.rdb), expect(200), "READY=1 before catching up");
+    run_load(&c.pdb, 201, 220);
     n.wait_for("streaming at txid 221", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(2200));
     r.stop();

@@ -16,10 +16,6 @@ use common::cluster::{Cluster, Opts};
 use common::s3::S3Server;
 use common::*;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn promtool() -> PathBuf {
     let o = Command::new(repo().join("scripts/install-promtool"))
         .output()

@@ -28,10 +28,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use container::{output_text, Container};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

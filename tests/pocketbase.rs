@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,10 +13,6 @@ use common::*;
 
 const EMAIL: &str = "admin@example.com";
 const PASSWORD: &str = "replited-test-pass";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// The pinned PocketBase binary (installed and checksummed by scripts/install-pocketbase).
 fn pocketbase() -> PathBuf {

@@ -136,13 +136,26 @@ fn render_labels(labels: &[(&str, &str)]) -> String {
     s
 }
 
+impl Series {
+    /// Another handle on the same series (None for a closure, which has one owner).
+    fn share(&self) -> Option<Series> {
+        match self {
+            Series::Counter(c) => Some(Series::Counter(c.clone())),
+            Series::Gauge(g) => Some(Series::Gauge(g.clone())),
+            Series::Histogram(h) => Some(Series::Histogram(h.clone())),
+            Series::ValueFn(_) => None,
+        }
+    }
+}
+
+/// Registers `name{labels}` (made by `make` unless a shareable one exists; a closure replaces
+/// the one registered before, as for a restarted loop) and returns a handle on it.
 fn register(
     name: &'static str,
     help: &'static str,
     ty: Type,
     labels: &[(&str, &str)],
     make: impl FnOnce() -> Series,
-    existing: impl Fn(&Series) -> Option<Series>,
 ) -> Option<Series> {
     let key = render_labels(labels);
     let mut fams = FAMILIES.lock().unwrap_or_else(|e| e.into_inner());
@@ -159,33 +172,26 @@ fn register(
         }
     };
     debug_assert!(fam.ty == ty, "metric {name} registered with two types");
-    if let Some((_, s)) = fam.series.iter().find(|(k, _)| *k == key) {
-        if let Some(shared) = existing(s) {
-            return Some(shared);
-        }
+    if let Some(shared) = fam
+        .series
+        .iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, s)| s.share())
+    {
+        return Some(shared);
     }
-    // A new series, or a closure replacing the one registered before (a restarted loop).
     fam.series.retain(|(k, _)| *k != key);
     let s = make();
-    let out = existing(&s);
+    let out = s.share();
     fam.series.push((key, s));
     out
 }
 
 /// The counter `name{labels}` (the same one for the same name and labels).
 pub fn counter(name: &'static str, help: &'static str, labels: &[(&str, &str)]) -> Arc<Counter> {
-    let s = register(
-        name,
-        help,
-        Type::Counter,
-        labels,
-        || Series::Counter(Arc::default()),
-        |s| match s {
-            Series::Counter(c) => Some(Series::Counter(c.clone())),
-            _ => None,
-        },
-    );
-    match s {
+    match register(name, help, Type::Counter, labels, || {
+        Series::Counter(Arc::default())
+    }) {
         Some(Series::Counter(c)) => c,
         _ => unreachable!("a counter"),
     }
@@ -193,18 +199,9 @@ pub fn counter(name: &'static str, help: &'static str, labels: &[(&str, &str)]) 
 
 /// The gauge `name{labels}`.
 pub fn gauge(name: &'static str, help: &'static str, labels: &[(&str, &str)]) -> Arc<Gauge> {
-    let s = register(
-        name,
-        help,
-        Type::Gauge,
-        labels,
-        || Series::Gauge(Arc::default()),
-        |s| match s {
-            Series::Gauge(g) => Some(Series::Gauge(g.clone())),
-            _ => None,
-        },
-    );
-    match s {
+    match register(name, help, Type::Gauge, labels, || {
+        Series::Gauge(Arc::default())
+    }) {
         Some(Series::Gauge(g)) => g,
         _ => unreachable!("a gauge"),
     }
@@ -217,14 +214,9 @@ pub fn gauge_fn(
     labels: &[(&str, &str)],
     f: impl Fn() -> Option<f64> + Send + Sync + 'static,
 ) {
-    register(
-        name,
-        help,
-        Type::Gauge,
-        labels,
-        || Series::ValueFn(Box::new(f)),
-        |_| None,
-    );
+    register(name, help, Type::Gauge, labels, || {
+        Series::ValueFn(Box::new(f))
+    });
 }
 
 /// A counter kept elsewhere, read when `/metrics` is read.
@@ -234,23 +226,9 @@ pub fn counter_fn(
     labels: &[(&str, &str)],
     f: impl Fn() -> Option<f64> + Send + Sync + 'static,
 ) {
-    register(
-        name,
-        help,
-        Type::Counter,
-        labels,
-        || Series::ValueFn(Box::new(f)),
-        |_| None,
-    );
-}
-
-/// Removes the series `name{labels}` (a replica that disconnected).
-pub fn remove(name: &'static str, labels: &[(&str, &str)]) {
-    let key = render_labels(labels);
-    let mut fams = FAMILIES.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(f) = fams.iter_mut().find(|f| f.name == name) {
-        f.series.retain(|(k, _)| *k != key);
-    }
+    register(name, help, Type::Counter, labels, || {
+        Series::ValueFn(Box::new(f))
+    });
 }
 
 /// The duration histogram `name{labels}` (seconds, [`DURATION_BUCKETS`]).
@@ -259,18 +237,9 @@ pub fn histogram(
     help: &'static str,
     labels: &[(&str, &str)],
 ) -> Arc<Histogram> {
-    let s = register(
-        name,
-        help,
-        Type::Histogram,
-        labels,
-        || Series::Histogram(Arc::new(Histogram::new(DURATION_BUCKETS))),
-        |s| match s {
-            Series::Histogram(h) => Some(Series::Histogram(h.clone())),
-            _ => None,
-        },
-    );
-    match s {
+    match register(name, help, Type::Histogram, labels, || {
+        Series::Histogram(Arc::new(Histogram::new(DURATION_BUCKETS)))
+    }) {
         Some(Series::Histogram(h)) => h,
         _ => unreachable!("a histogram"),
     }

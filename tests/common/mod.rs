@@ -16,6 +16,11 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_replited")
 }
 
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
 pub fn load_py() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/load.py")
 }
@@ -387,4 +392,30 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         .map_or("", |(_, b)| b)
         .to_string();
     Some((code, body))
+}
+
+/// Waits until the replica's (last txid, content hash) equals the primary's; the time it took.
+/// Panics with the daemons' logs after `limit`.
+pub fn wait_converged(
+    primary: &Path,
+    replica: &Path,
+    limit: Duration,
+    logs: &[&Daemon],
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let want = state(primary);
+        if replica.exists() && state(replica) == want {
+            return start.elapsed();
+        }
+        if start.elapsed() > limit {
+            let logs: Vec<String> = logs.iter().map(|d| d.log_text()).collect();
+            panic!(
+                "the replica did not converge within {limit:?}: primary {want:?}, replica {:?}\n{}",
+                replica.exists().then(|| state(replica)),
+                logs.join("\n-----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

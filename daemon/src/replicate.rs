@@ -390,6 +390,14 @@ pub struct Replicator {
     durable_txid: u64,
     buf: Vec<u8>,
     out: Vec<u8>,
+    /// Since when a frame waits in the WAL past what SQLite has published (see
+    /// `published_end`), and that published end: the loop looks again every few milliseconds
+    /// for a while instead of waiting for inotify (publishing writes only `-shm`).
+    unpublished: Option<(u64, Instant)>,
+    /// The `-shm` file, read for the wal-index header. Opened once and never closed while the
+    /// connections live: closing any descriptor of it would drop SQLite's POSIX locks on it.
+    /// Declared last so that it is dropped after them.
+    shm: Option<std::fs::File>,
 }
 
 /// Frames read at once at most, and at first.
@@ -398,6 +406,10 @@ const FIRST_READ_FRAMES: usize = 4;
 const PAGE_BATCH: usize = 256;
 const FLUSH_BYTES: usize = 1 << 20;
 const PENDING_RECHECK: Duration = Duration::from_secs(1);
+/// How often the loop looks for a commit being published (after its frames were written).
+const REPOLL: Duration = Duration::from_millis(1);
+/// How many times (50 µs apart) a scan looks again for a commit being published.
+const PUBLISH_SPINS: usize = 6;
 const MAX_LEVEL: u32 = 4;
 const MERGE_AT: usize = 8;
 /// The most files one merge reads.
@@ -476,6 +488,8 @@ impl Replicator {
             durable_txid: 0,
             buf: Vec::new(),
             out: Vec::new(),
+            unpublished: None,
+            shm: None,
             cfg,
         })
     }
@@ -797,6 +811,7 @@ impl Replicator {
             if !woke
                 && self.batch_since.is_none()
                 && self.retry_at.is_none()
+                && !self.repoll()
                 && last_step.elapsed() < IDLE_STEP
             {
                 continue;
@@ -862,7 +877,51 @@ impl Replicator {
         if let Some(since) = self.batch_since {
             d = d.min((since + self.cfg.sync_interval).saturating_duration_since(now));
         }
+        if self.repoll() {
+            d = d.min(REPOLL);
+        }
         d
+    }
+
+    /// Frames past the published end appeared lately: a commit is being published.
+    fn repoll(&self) -> bool {
+        self.unpublished
+            .is_some_and(|(_, t)| t.elapsed() < PENDING_RECHECK)
+    }
+
+    /// The end of what SQLite has published in the WAL whose header is `h`: the wal-index
+    /// header's `mxFrame` (in `-shm`). A writer writes its frames, commit frame included (and
+    /// with synchronous=FULL syncs them) before it publishes them; one killed in between leaves
+    /// a complete-looking transaction that SQLite never committed and overwrites — it must not
+    /// be captured. `Some(0)`: nothing can be said now (the header is being rewritten, or it
+    /// already describes a restarted WAL), capture nothing yet; None: no wal-index to read
+    /// (capture up to the end of the valid log).
+    fn published_end(&mut self, h: &WalHeader) -> Option<u64> {
+        if self.shm.is_none() {
+            let mut p = self.db_path.clone().into_os_string();
+            p.push("-shm");
+            self.shm = std::fs::File::open(PathBuf::from(p)).ok();
+        }
+        let shm = self.shm.as_ref()?;
+        let mut b = [0u8; 96];
+        use std::os::unix::fs::FileExt;
+        if shm.read_exact_at(&mut b, 0).is_err() {
+            return Some(0);
+        }
+        // Two copies of the 48-byte WalIndexHdr (native byte order; the salts as the WAL
+        // header's bytes); SQLite itself retries while they differ.
+        let u32_at = |i: usize| u32::from_ne_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        if b[..48] != b[48..] || u32_at(0) != 3_007_000 || b[12] != 1 {
+            return Some(0);
+        }
+        let salts = (
+            u32::from_be_bytes(b[32..36].try_into().expect("4 bytes")),
+            u32::from_be_bytes(b[36..40].try_into().expect("4 bytes")),
+        );
+        if salts != (h.salt1, h.salt2) {
+            return Some(0);
+        }
+        Some(WAL_HEADER_LEN as u64 + u64::from(u32_at(16)) * h.frame_len() as u64)
     }
 
     /// One wake-up: capture, write when due, then the periodic work.
@@ -990,6 +1049,20 @@ impl Replicator {
         // The file may be longer than its valid log (a restarted WAL keeps its old length and
         // old frames): read a few frames first and double while they keep being valid.
         let mut chunk = FIRST_READ_FRAMES;
+        let Some(h) = self.scanner.as_ref().map(|sc| *sc.header()) else {
+            return Ok(());
+        };
+        // A commit's frames are written a moment before SQLite publishes them (after its fsync
+        // with synchronous=FULL): look again a few times before leaving it to the next poll.
+        let mut published = self.published_end(&h);
+        for _ in 0..PUBLISH_SPINS {
+            if !self.note_unpublished(published)? {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+            published = self.published_end(&h);
+        }
+        self.note_unpublished(published)?;
         loop {
             let Some(sc) = self.scanner.as_ref() else {
                 return Ok(());
@@ -997,7 +1070,8 @@ impl Replicator {
             let flen = sc.frame_len();
             let off = sc.next_offset();
             let w = self.wal.as_mut().expect("a scanner implies an open WAL");
-            let avail = w.len.saturating_sub(off) as usize / flen;
+            let end = published.map_or(w.len, |p| p.max(sc.committed().offset).min(w.len));
+            let avail = end.saturating_sub(off) as usize / flen;
             if avail == 0 {
                 break;
             }
@@ -1086,6 +1160,30 @@ impl Replicator {
             }
         }
         self.scan(|me, txn| me.add_txn(txn))
+    }
+
+    /// Notes whether a frame of the current WAL waits past the published end (a commit being
+    /// published, or left unpublished by a writer that died); true when one does.
+    fn note_unpublished(&mut self, published: Option<u64>) -> Result<bool> {
+        let (Some(p), Some(sc), Some(w)) = (published, self.scanner.as_ref(), self.wal.as_mut())
+        else {
+            self.unpublished = None;
+            return Ok(false);
+        };
+        let (h, at) = (*sc.header(), p.max(sc.committed().offset));
+        let mut fh = [0u8; FRAME_HEADER_LEN];
+        let waiting = w.len >= at + h.frame_len() as u64
+            && w.file.read_at(&mut fh, at)? == FRAME_HEADER_LEN
+            && {
+                let f = FrameHeader::decode(&fh);
+                (f.salt1, f.salt2) == (h.salt1, h.salt2)
+            };
+        if !waiting {
+            self.unpublished = None;
+        } else if self.unpublished.is_none_or(|(end, _)| end != at) {
+            self.unpublished = Some((at, Instant::now()));
+        }
+        Ok(waiting)
     }
 
     fn check_page_size(&self, h: &WalHeader) -> Result<()> {
@@ -1384,7 +1482,10 @@ impl Replicator {
         else {
             return Ok(None);
         };
-        let h = match read_header(&*self.targets[lead].storage, &latest) {
+        // Read whole, every byte checked, not just its header: a file cut short or holed by a
+        // crash of the machine (a disk that lost what it acknowledged) must not be continued,
+        // or every later restore would stop at it.
+        let h = match read_checked(&*self.targets[lead].storage, &latest) {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!("{e:#}: starting a new generation");
@@ -1805,6 +1906,18 @@ impl Replicator {
         );
         Ok(())
     }
+}
+
+/// Decodes a whole stored file (checking every byte, trailer included) and returns its header.
+fn read_checked(storage: &dyn Storage, meta: &FileMeta) -> Result<FileHeader> {
+    let mut header = None;
+    decode_file(storage, meta, |ev, _| {
+        if let Event::Header(h) = ev {
+            header = Some(*h);
+        }
+        Ok(header.is_none())
+    })?;
+    header.ok_or_else(|| anyhow!("{}: no header", storage.locate(meta)))
 }
 
 /// Copies one stored file between targets, checking it on the way.

@@ -51,7 +51,33 @@ pub struct Restored {
 }
 
 /// Restores from the best of `sources` (the one whose plan reaches furthest).
+///
+/// A replited running meanwhile may delete files between the listing and the reading
+/// (compaction replaces small segments by a merged one, retention removes old files): when a
+/// planned file is gone, the sources are listed and the restore planned again.
 pub fn restore(sources: &[&dyn Storage], opts: &RestoreOptions) -> Result<Option<Restored>> {
+    let mut attempt = 1;
+    loop {
+        match restore_once(sources, opts) {
+            Err(e) if attempt < 5 && vanished(&e) => {
+                tracing::info!("{e:#}; listing again (a running replited replaced it)");
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// A file that was listed is no longer there.
+fn vanished(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+            || c.to_string().contains("HTTP 404")
+    })
+}
+
+fn restore_once(sources: &[&dyn Storage], opts: &RestoreOptions) -> Result<Option<Restored>> {
     if opts.output.exists() {
         if opts.if_db_not_exists {
             tracing::info!(

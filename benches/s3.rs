@@ -152,17 +152,8 @@ fn snapshot_round_trip(s: &S3Server, mb: u64) -> (f64, f64, u64) {
         .to_string_lossy()
         .into_owned();
     let t1 = Instant::now();
-    let o = Command::new(bin())
-        .args([
-            "restore",
-            &format!("s3://{BUCKET}/{prefix}/data.db"),
-            "-o",
-            out.to_str().unwrap(),
-            "--endpoint",
-            &s.endpoint,
-        ])
-        .env("AWS_ACCESS_KEY_ID", &s.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &s.secret_key)
+    let o = s
+        .restore_command(bin(), &format!("s3://{BUCKET}/{prefix}/data.db"), &out)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

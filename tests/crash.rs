@@ -126,15 +126,7 @@ impl Rig {
             s.create_bucket(BUCKET);
             let p = S3Proxy::start(&s.endpoint);
             p.set_mode(Mode::Delay(Duration::from_millis(30)));
-            let mut cfg = fs::read_to_string(&w.config).unwrap();
-            cfg.push_str(&s3_block(
-                &p.endpoint,
-                BUCKET,
-                &s.access_key,
-                &s.secret_key,
-                "",
-            ));
-            fs::write(&w.config, cfg).unwrap();
+            add_s3_target(&w.config, &p.endpoint, BUCKET, &s);
             (s, p)
         });
         Rig { w, s3, moments }
@@ -212,18 +204,7 @@ impl Rig {
     /// Restores from the bucket alone (straight from the server).
     fn restore_bucket(&self, out: &Path) -> std::process::Output {
         let (s, _) = self.s3.as_ref().unwrap();
-        Command::new(bin())
-            .args([
-                "restore",
-                &format!("s3://{BUCKET}/backups/data.db"),
-                "-o",
-                out.to_str().unwrap(),
-                "--endpoint",
-                &s.endpoint,
-            ])
-            .env("AWS_ACCESS_KEY_ID", &s.access_key)
-            .env("AWS_SECRET_ACCESS_KEY", &s.secret_key)
-            .env("AWS_REGION", &s.region)
+        s.restore_command(bin(), &format!("s3://{BUCKET}/backups/data.db"), out)
             .current_dir(self.w.dir.path())
             .output()
             .unwrap()
@@ -462,7 +443,8 @@ fn primary_matrix(total: usize, per_round: usize) {
             started.elapsed()
         );
     }
-    report(&format!(
+    conclude(
+        &format!(
         "CRASH primary: {done} kill -9 in {round} rounds ({:.0?}); aimed at {:?}; moment not reached (killed anyway) {:?}; last logged before the kill {:?}; restarts {:?}; restores checked {} (+{} from the bucket alone, {} when it had no snapshot yet), final restores equal to the primary {}/{round}; failures {}",
         started.elapsed(),
         t.kills,
@@ -474,11 +456,9 @@ fn primary_matrix(total: usize, per_round: usize) {
         t.bucket_empty,
         t.final_restores,
         t.failures.len()
-    ));
-    assert!(
-        t.failures.is_empty(),
-        "failures:\n{}",
-        t.failures.join("\n")
+    ),
+        &t.failures,
+        "",
     );
 }
 
@@ -572,16 +552,15 @@ fn app_kills(n: usize) {
             .join(" ");
         *reestablished.entry(words).or_default() += 1;
     }
-    report(&format!(
+    conclude(
+        &format!(
         "CRASH app: {n} kill -9 of the app (SQLite's writer, 1000 tx/s, synchronous=FULL) with replited running ({:.0?}); backup equal to what SQLite committed after each: {}/{n}; continuity re-established (why: how often) {reestablished:?}; failures {}",
         started.elapsed(),
         n - failures.iter().filter(|f| f.starts_with("kill")).count(),
         failures.len()
-    ));
-    assert!(
-        failures.is_empty(),
-        "failures:\n{}\n{log}",
-        failures.join("\n")
+    ),
+        &failures,
+        &log,
     );
 }
 
@@ -663,13 +642,16 @@ fn replica_kills(kills: usize) {
     }
     r.stop();
     p.stop();
-    report(&format!(
+    conclude(
+        &format!(
         "CRASH replica: {kills} kill -9 of replica-sidecar during a 300 tx/s load ({:.0?}); restarts {how:?}; replica file after each crash a committed state: {}/{kills}; converged to the primary: {converged}; failures {}",
         started.elapsed(),
         kills - failures.iter().filter(|f| f.starts_with("kill")).count(),
         failures.len()
-    ));
-    assert!(failures.is_empty(), "failures:\n{}", failures.join("\n"));
+    ),
+        &failures,
+        "",
+    );
 }
 
 /// kill -9 of a replica while it applies a load, 8 times: each time its file is a committed
@@ -860,18 +842,17 @@ fn power_losses(n: usize) {
             t.failures.push(format!("{k} ({loss:?}): {e}"));
         }
     }
-    report(&format!(
+    conclude(
+        &format!(
         "CRASH power loss: {n} simulated power losses ({:.0?}) {:?}; restore right after: {:?}; replited at restart: {:?}; failures {}",
         started.elapsed(),
         t.runs,
         t.restore,
         t.restarts,
         t.failures.len()
-    ));
-    assert!(
-        t.failures.is_empty(),
-        "failures:\n{}",
-        t.failures.join("\n")
+    ),
+        &t.failures,
+        "",
     );
 }
 

@@ -33,18 +33,8 @@ fn configure(w: &World, targets: &str, keep_fs: bool) {
 
 /// `replited restore s3://BUCKET/backups/data.db -o OUT` with credentials from the environment.
 fn restore_from_url(s: &S3Server, w: &World, out: &std::path::Path) {
-    let o = Command::new(bin())
-        .args([
-            "restore",
-            &format!("s3://{BUCKET}/backups/data.db"),
-            "-o",
-            out.to_str().unwrap(),
-            "--endpoint",
-            &s.endpoint,
-        ])
-        .env("AWS_ACCESS_KEY_ID", &s.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &s.secret_key)
-        .env("AWS_REGION", &s.region)
+    let o = s
+        .restore_command(bin(), &format!("s3://{BUCKET}/backups/data.db"), out)
         .current_dir(w.dir.path())
         .output()
         .unwrap();

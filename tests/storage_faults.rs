@@ -18,7 +18,7 @@ mod s3proxy;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::s3::S3Server;
@@ -281,17 +281,16 @@ fn backup_directory_not_writable() {
         "chown",
         &["-R", "nobody:nogroup", w.dir.path().to_str().unwrap()],
     );
-    let log = w.path("replited-nobody.log");
-    let child = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-        .arg(bin())
-        .args(["-c", w.config.to_str().unwrap(), "replicate"])
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let d = Daemon { child, log };
-    d.wait_for_log("capturing", Duration::from_secs(30));
+    let d = w.start_under(
+        &[
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--",
+        ],
+        "auto",
+    );
     // The app runs as root; SQLite gives the files it creates (-wal, -shm) the database
     // file's owner.
     run_load(&w.db, 1, 300);
@@ -345,15 +344,7 @@ impl S3Rig {
         s.create_bucket(BUCKET);
         let p = S3Proxy::start(&s.endpoint);
         let w = World::new(extra);
-        let mut cfg = fs::read_to_string(&w.config).unwrap();
-        cfg.push_str(&s3_block(
-            &p.endpoint,
-            BUCKET,
-            &s.access_key,
-            &s.secret_key,
-            "",
-        ));
-        fs::write(&w.config, cfg).unwrap();
+        add_s3_target(&w.config, &p.endpoint, BUCKET, &s);
         let addr = with_http(&w);
         let spool = w.dir.path().join(".data.db-replited-spool/s3");
         S3Rig {
@@ -375,18 +366,9 @@ impl S3Rig {
 
     fn restore_from_bucket(&self, n: u64) {
         let out = self.w.path(&format!("from-bucket-{n}.db"));
-        let o = Command::new(bin())
-            .args([
-                "restore",
-                &format!("s3://{BUCKET}/backups/data.db"),
-                "-o",
-                out.to_str().unwrap(),
-                "--endpoint",
-                &self.s.endpoint,
-            ])
-            .env("AWS_ACCESS_KEY_ID", &self.s.access_key)
-            .env("AWS_SECRET_ACCESS_KEY", &self.s.secret_key)
-            .env("AWS_REGION", &self.s.region)
+        let o = self
+            .s
+            .restore_command(bin(), &format!("s3://{BUCKET}/backups/data.db"), &out)
             .current_dir(self.w.dir.path())
             .output()
             .unwrap();

@@ -11,6 +11,7 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::common::s3::S3Server;
 use crate::common::{bin, load_py};
 
 /// xorshift64*, seeded from `CRASH_SEED` or the clock (the seed is printed, so a failing run
@@ -211,11 +212,25 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// A `[[database.replicate]]` block for an S3 target named `s3`.
-pub fn s3_block(endpoint: &str, bucket: &str, ak: &str, sk: &str, extra: &str) -> String {
-    format!(
-        "\n[[database.replicate]]\nname = \"s3\"\n[database.replicate.params]\ntype = \"s3\"\nendpoint = \"{endpoint}\"\nbucket = \"{bucket}\"\nroot = \"backups\"\naccess_key_id = \"{ak}\"\nsecret_access_key = \"{sk}\"\n{extra}"
-    )
+/// Appends to `config` an S3 target named `s3` (prefix `backups`) in `bucket` of `s`, reached
+/// at `endpoint` (the server's, or a proxy's in front of it).
+pub fn add_s3_target(config: &Path, endpoint: &str, bucket: &str, s: &S3Server) {
+    let mut cfg = fs::read_to_string(config).unwrap();
+    cfg.push_str(&format!(
+        "\n[[database.replicate]]\nname = \"s3\"\n[database.replicate.params]\ntype = \"s3\"\nendpoint = \"{endpoint}\"\nbucket = \"{bucket}\"\nroot = \"backups\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+        s.access_key, s.secret_key
+    ));
+    fs::write(config, cfg).unwrap();
+}
+
+/// Reports a suite's result line, then fails with `failures` (and `extra`) if there are any.
+pub fn conclude(line: &str, failures: &[String], extra: &str) {
+    report(line);
+    assert!(
+        failures.is_empty(),
+        "failures:\n{}\n{extra}",
+        failures.join("\n")
+    );
 }
 
 /// Every regular file under `dir`, recursively.

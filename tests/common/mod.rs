@@ -68,8 +68,16 @@ impl World {
 
     /// Starts `replited replicate` with the given I/O backend, logging to a file.
     pub fn start(&self, io: &str) -> Daemon {
+        self.start_under(&[], io)
+    }
+
+    /// Starts `replited replicate` as `start` does, run by `wrapper` (e.g. `setpriv … --`).
+    pub fn start_under(&self, wrapper: &[&str], io: &str) -> Daemon {
         let log = self.path(&format!("replited-{}.log", now_ns()));
-        let child = Command::new(bin())
+        let mut argv = wrapper.to_vec();
+        argv.push(bin());
+        let child = Command::new(argv[0])
+            .args(&argv[1..])
             .args(["-c", self.config.to_str().unwrap(), "replicate", "--io", io])
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())

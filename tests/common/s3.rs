@@ -111,6 +111,18 @@ impl S3Server {
         self.port
     }
 
+    /// `BIN restore s3://URL -o OUT --endpoint …` with this server's credentials in the
+    /// environment, as an operator would run it; the caller adds what else it needs.
+    pub fn restore_command(&self, bin: &str, url: &str, out: &Path) -> Command {
+        let mut c = Command::new(bin);
+        c.args(["restore", url, "-o", out.to_str().unwrap()])
+            .args(["--endpoint", &self.endpoint])
+            .env("AWS_ACCESS_KEY_ID", &self.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret_key)
+            .env("AWS_REGION", &self.region);
+        c
+    }
+
     /// The s3s-fs log (stdout and stderr; set `RUST_LOG` to make it chatty).
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("s3s-fs.log")).unwrap_or_default()

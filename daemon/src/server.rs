@@ -37,9 +37,9 @@ use crate::transport::{self, FramedStream, ServerTls};
 
 /// Bytes of recent transactions each hub keeps in memory for replicas that are a little
 /// behind (older ones are read back from storage).
-pub const RECENT_BYTES: usize = 64 << 20;
+pub const RECENT_BYTES: usize = 8 << 20;
 /// Bytes of transactions read back from storage per request.
-const HISTORY_BATCH_BYTES: usize = 16 << 20;
+const HISTORY_BATCH_BYTES: usize = 4 << 20;
 /// Bytes of pages per `SnapshotPages` message.
 const SNAPSHOT_BATCH_BYTES: usize = 1 << 20;
 /// How long a new stream may take to say Hello.

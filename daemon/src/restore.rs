@@ -2,9 +2,10 @@
 //! file that is verified (the whole-database checksum after every transaction, then SQLite's
 //! integrity check) before it is renamed into place.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -243,8 +244,30 @@ fn build(
         .truncate(true)
         .open(tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
+    // Decoding (reading, lz4, hashing) runs here; writing the pages on a thread of its own, so
+    // the two overlap. Runs of pages go over in order, with the file's length changes.
+    let (to_writer, ops) = mpsc::sync_channel::<WriteOp>(WRITE_QUEUE);
+    let (give_back, spare) = mpsc::channel::<Vec<u8>>();
+    let writer = {
+        let file = file.try_clone()?;
+        std::thread::Builder::new()
+            .name("restore-write".into())
+            .spawn(move || -> std::io::Result<()> {
+                for op in ops {
+                    match op {
+                        WriteOp::Pages(buf, at) => {
+                            file.write_all_at(&buf, at)?;
+                            let _ = give_back.send(buf);
+                        }
+                        WriteOp::SetLen(len) => file.set_len(len)?,
+                    }
+                }
+                Ok(())
+            })?
+    };
     let mut st = Apply {
-        file: &file,
+        writer: to_writer,
+        spare,
         hashes: None,
         cur: None,
         applying: false,
@@ -252,6 +275,38 @@ fn build(
         run: Vec::with_capacity(RUN_BYTES),
         run_at: 0,
     };
+    let applied = apply_plan(&mut st, src, files, plan);
+    // The writer ends when its queue is dropped; a failed write is what stopped the decoding.
+    let Apply { writer: queue, .. } = st;
+    drop(queue);
+    let written = writer
+        .join()
+        .map_err(|_| anyhow!("the restore's writer thread panicked"))?;
+    let last = match (applied, written) {
+        (_, Err(e)) => return Err(e).with_context(|| format!("writing {}", tmp.display())),
+        (Err(e), Ok(())) => return Err(e),
+        (Ok(last), Ok(())) => last,
+    };
+    file.sync_all()?;
+    Ok(Restored {
+        generation: plan.generation,
+        txid: last.0.txid,
+        time_ms: last.0.time_ms,
+        bytes: file.metadata()?.len(),
+        db_pages: last.0.db_pages,
+        page_size: last.1,
+        db_checksum: last.0.db_checksum,
+    })
+}
+
+/// Applies the snapshot and segments of `plan`; returns the last transaction applied and the
+/// page size.
+fn apply_plan(
+    st: &mut Apply,
+    src: &dyn Storage,
+    files: &[FileMeta],
+    plan: &RestorePlan,
+) -> Result<(TxnHeader, u32)> {
     let snap = &files[plan.snapshot];
     decode_file(src, snap, |ev, dec| {
         st.event(ev, dec.page(), u64::MAX, None)
@@ -268,23 +323,28 @@ fn build(
         st.end_txn()
             .map_err(|e| anyhow!("{}: {e}", src.locate(m)))?;
     }
+    st.write_run()?;
     let last = st
         .last
         .ok_or_else(|| anyhow!("the snapshot held no transaction"))?;
-    file.sync_all()?;
-    Ok(Restored {
-        generation: plan.generation,
-        txid: last.txid,
-        time_ms: last.time_ms,
-        bytes: file.metadata()?.len(),
-        db_pages: last.db_pages,
-        page_size: st.hashes.as_ref().map_or(0, |h| h.page_size()),
-        db_checksum: last.db_checksum,
-    })
+    Ok((last, st.hashes.as_ref().map_or(0, |h| h.page_size())))
 }
 
-struct Apply<'a> {
-    file: &'a File,
+/// What the restore's writer thread does, in order.
+enum WriteOp {
+    /// Consecutive pages at this byte offset.
+    Pages(Vec<u8>, u64),
+    /// The database's new length.
+    SetLen(u64),
+}
+
+/// Runs of pages queued for the writer at most (each up to `RUN_BYTES`).
+const WRITE_QUEUE: usize = 4;
+
+struct Apply {
+    writer: mpsc::SyncSender<WriteOp>,
+    /// Buffers the writer is done with, to reuse.
+    spare: mpsc::Receiver<Vec<u8>>,
     hashes: Option<DbHashes>,
     /// The transaction being applied.
     cur: Option<TxnHeader>,
@@ -300,14 +360,27 @@ struct Apply<'a> {
 /// Bytes of consecutive pages gathered into one write.
 const RUN_BYTES: usize = 1 << 20;
 
-impl Apply<'_> {
-    /// Writes the gathered run of pages.
+impl Apply {
+    /// Hands the gathered run of pages to the writer.
     fn write_run(&mut self) -> Result<()> {
         if !self.run.is_empty() {
-            self.file.write_all_at(&self.run, self.run_at)?;
-            self.run.clear();
+            let next = match self.spare.try_recv() {
+                Ok(mut b) => {
+                    b.clear();
+                    b
+                }
+                Err(_) => Vec::with_capacity(RUN_BYTES),
+            };
+            let run = std::mem::replace(&mut self.run, next);
+            self.send(WriteOp::Pages(run, self.run_at))?;
         }
         Ok(())
+    }
+
+    fn send(&self, op: WriteOp) -> Result<()> {
+        self.writer
+            .send(op)
+            .map_err(|_| anyhow!("the restore's writer stopped"))
     }
 
     fn event(
@@ -372,14 +445,13 @@ impl Apply<'_> {
         self.write_run()?;
         let hs = self.hashes.as_mut().expect("header first");
         hs.set_page_count(t.db_pages);
-        self.file
-            .set_len(t.db_pages as u64 * hs.page_size() as u64)?;
-        if hs.checksum() != t.db_checksum {
+        let (len, sum) = (t.db_pages as u64 * hs.page_size() as u64, hs.checksum());
+        self.send(WriteOp::SetLen(len))?;
+        if sum != t.db_checksum {
             bail!(
-                "database checksum mismatch after transaction {:016x}: recorded {:#018x}, rebuilt {:#018x}",
+                "database checksum mismatch after transaction {:016x}: recorded {:#018x}, rebuilt {sum:#018x}",
                 t.txid,
                 t.db_checksum,
-                hs.checksum()
             );
         }
         self.last = Some(t);

@@ -210,6 +210,41 @@ fn local_write_on_the_replica_is_repaired() {
     p.stop();
 }
 
+/// The replica cannot apply for a while (another process holds the replica's write lock
+/// beyond the busy timeout: SQLite refuses the transaction, nothing is applied). Once the lock
+/// is gone it takes the primary's resends and converges, without a rebuild. Found by the soak:
+/// the failed transaction stayed "received", its resends were dropped as duplicates and the
+/// replica looped on "does not follow the last applied transaction" until restarted.
+#[test]
+fn replica_recovers_from_a_failed_apply() {
+    let c = Cluster::new(Opts::default());
+    let p = c.primary();
+    run_load(&c.pdb, 1, 200);
+    let r = c.replica(&[]);
+    r.wait_for_log("caught up with the primary", Duration::from_secs(60));
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(30), &[&p, &r]);
+    let locker = rusqlite::Connection::open(&c.rdb).unwrap();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let load = spawn_load(&c.pdb, 201, 500, &["--rate", "100"]);
+    // The default busy timeout is 5 s: the first apply gives up after it.
+    r.wait_for_log("taking the write lock", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    locker.execute_batch("ROLLBACK").unwrap();
+    drop(locker);
+    assert!(load.wait_with_output().unwrap().status.success());
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(60), &[&p, &r]);
+    assert_eq!(state(&c.rdb), expect(500));
+    assert_eq!(integrity(&c.rdb), "ok");
+    let log = r.stop();
+    assert_eq!(count(&log, "does not follow"), 0, "{log}");
+    assert_eq!(
+        count(&log, "restoring from the primary's backup"),
+        1,
+        "no rebuild:\n{log}"
+    );
+    p.stop();
+}
+
 /// Mutual TLS: a replica without a client certificate is refused.
 #[test]
 fn replica_without_client_certificate_is_refused() {

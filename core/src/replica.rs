@@ -855,6 +855,25 @@ impl Replica {
         }
     }
 
+    /// The daemon could not apply transaction `txid` (from an Apply event) and applied nothing
+    /// of it. It and whatever was handed out after it are forgotten — their pending
+    /// confirmations and the Apply events not taken yet — so that the primary's resends of
+    /// them (after [`Replica::reset`]) are taken again instead of dropped as duplicates.
+    pub fn apply_failed(&mut self, now_ms: u64, txid: u64) {
+        self.now_ms = now_ms;
+        while self.pending.back().is_some_and(|p| p.pos.txid >= txid) {
+            self.pending.pop_back();
+        }
+        self.events
+            .retain(|e| !matches!(e, ReplicaEvent::Apply { txn } if txn.header.txid >= txid));
+        self.partial = None;
+        self.received = self
+            .pending
+            .back()
+            .map(|p| p.pos)
+            .or(self.applied.map(|a| a.pos));
+    }
+
     /// Timer tick: heartbeats when idle, failure when the primary is silent.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.now_ms = now_ms;

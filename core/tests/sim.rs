@@ -1086,3 +1086,50 @@ fn transaction_larger_than_a_frame_arrives_whole() {
     );
     assert!(matches!(r.state(), ReplicaState::Failed { .. }));
 }
+
+/// A transaction the daemon failed to apply (SQLite refused it; nothing applied) is taken
+/// again when the primary resends it on the next connection — with everything after it, whose
+/// Apply events were still queued — instead of being dropped as a duplicate (found by the
+/// soak: the replica then looped on "does not follow the last applied transaction").
+#[test]
+fn failed_apply_is_taken_again_after_reconnect() {
+    let mut r = streaming_replica(1, 5);
+    for txid in 2..=5 {
+        r.handle_message(10, empty_txn(txid, 5));
+    }
+    assert!(matches!(r.poll_event(), Some(ReplicaEvent::Apply { txn }) if txn.header.txid == 2));
+    r.handle_applied(20, 2, 2);
+    assert!(matches!(r.poll_event(), Some(ReplicaEvent::Apply { txn }) if txn.header.txid == 3));
+    r.apply_failed(21, 3);
+    // The queued Apply events for 4 and 5 are gone with it.
+    assert_eq!(r.poll_event(), None);
+    r.reset(30);
+    let mut out = Vec::new();
+    assert!(r.poll_transmit(&mut out));
+    assert!(decode_all(&out).iter().any(|m| matches!(
+        m,
+        Message::Hello { pos: Some(p), .. } if p.txid == 2
+    )));
+    r.handle_message(
+        31,
+        Message::Welcome {
+            version: 1,
+            generation: 1,
+            txid: 5,
+            db_checksum: 2,
+            page_size: PS,
+        },
+    );
+    for txid in 3..=5 {
+        r.handle_message(32, empty_txn(txid, 5));
+    }
+    for txid in 3..=5 {
+        match r.poll_event() {
+            Some(ReplicaEvent::Apply { txn }) => assert_eq!(txn.header.txid, txid),
+            e => panic!("expected Apply {txid}, got {e:?}"),
+        }
+        r.handle_applied(33, txid, txid);
+    }
+    assert_eq!(r.applied().unwrap().pos.txid, 5);
+    assert_eq!(r.state(), ReplicaState::Streaming);
+}

@@ -767,8 +767,21 @@ impl Follower {
                             tracing::warn!(db = %db, "{e}");
                             replica.local_write_detected(now_ms());
                         }
-                        // Nothing was applied; the primary resends it on the next connection.
-                        e => return Err(e.into()),
+                        // Nothing was applied: it and what came after it are forgotten, so
+                        // that the primary's resends on the next connection are taken. After
+                        // an SQLite error the database is opened again (as at start-up, checked
+                        // against the position file) rather than trusting that connection.
+                        e => {
+                            replica.apply_failed(now_ms(), txid);
+                            if matches!(e, ApplyError::Sqlite { .. } | ApplyError::Reread { .. }) {
+                                local.applier = None;
+                                if let Err(re) = local.resume() {
+                                    tracing::error!(db = %db, "reopening the database after an error: {re:#}");
+                                    replica.local_write_detected(now_ms());
+                                }
+                            }
+                            return Err(e.into());
+                        }
                     },
                 }
             }

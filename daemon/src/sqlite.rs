@@ -45,9 +45,15 @@ pub fn ensure_wal(c: &Connection, path: &Path) -> Result<()> {
 pub fn begin_read(c: &Connection) -> Result<()> {
     // Cached statements: this runs at every capture (a thousand times a second under load).
     c.prepare_cached("BEGIN DEFERRED")?.execute([])?;
-    c.prepare_cached("SELECT count(*) FROM sqlite_master")?
-        .query_row([], |_| Ok(()))
-        .context("starting a read transaction")?;
+    let read = c
+        .prepare_cached("SELECT count(*) FROM sqlite_master")
+        .and_then(|mut s| s.query_row([], |_| Ok(())));
+    if let Err(e) = read {
+        // Not left inside the transaction: every later BEGIN would fail ("cannot start a
+        // transaction within a transaction").
+        end_txn(c);
+        return Err(e).context("starting a read transaction");
+    }
     Ok(())
 }
 

@@ -258,7 +258,10 @@ mod tests {
             let mut out = Vec::new();
             f.read_many(&offsets, 4096, &mut out).unwrap();
             for (i, &o) in offsets.iter().enumerate() {
-                assert_eq!(out[i * 4096..(i + 1) * 4096], data[o as usize..o as usize + 4096]);
+                assert_eq!(
+                    out[i * 4096..(i + 1) * 4096],
+                    data[o as usize..o as usize + 4096]
+                );
             }
             let err = f.read_many(&[999_000], 4096, &mut out).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);

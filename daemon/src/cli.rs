@@ -196,6 +196,7 @@ pub enum CertCommand {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    crate::memory::keep_small();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -8,6 +8,7 @@ pub mod cert;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod ops;

@@ -337,6 +337,62 @@ fn step(w: &World, tr: &mut Tracker, a: &mut Applier, i: u64) {
     a.apply(i, n, sum, &pages).unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// The schema grows past page 1 (`sqlite_master` becomes a b-tree of several pages), one
+/// table per transaction with a row written after each: every transaction applies, and the
+/// replica's own schema reads (the local-write check) see each new table. Before the applier
+/// dropped its page cache after a schema change, SQLite re-read `sqlite_master` with the cell
+/// layout it had parsed before `sqlite_dbpage` replaced the bytes: "database disk image is
+/// malformed" (found by the soak at the 45th table of tests/load.py).
+#[test]
+fn schema_outgrowing_page_one() {
+    let (w, replica, mut tr, mut a) = mini_world();
+    let c = Connection::open(&w.db).unwrap();
+    let mut txid = 100;
+    let mut apply = |a: &mut Applier, tr: &mut Tracker| {
+        txid += 1;
+        let (n, sum, pages) = tr.next();
+        a.apply(txid, n, sum, &pages)
+            .unwrap_or_else(|e| panic!("transaction {txid}: {e}"));
+        assert!(!a.local_write_detected().unwrap());
+    };
+    for k in 0..80 {
+        c.execute_batch(&format!(
+            "CREATE TABLE side_{k} (x INTEGER NOT NULL, note_{k}_with_a_long_column_name TEXT)"
+        ))
+        .unwrap();
+        apply(&mut a, &mut tr);
+        c.execute(&format!("INSERT INTO side_{k} (x) VALUES ({k})"), [])
+            .unwrap();
+        apply(&mut a, &mut tr);
+    }
+    let master_pages: i64 = c
+        .query_row(
+            "SELECT count(*) FROM dbstat WHERE name = 'sqlite_schema'",
+            [],
+            |r| r.get(0),
+        )
+        .or_else(|_| {
+            c.query_row(
+                "SELECT (SELECT sum(length(sql)) FROM sqlite_master) / 3000 + 1",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .unwrap();
+    assert!(
+        master_pages > 1,
+        "sqlite_master spans {master_pages} page(s)"
+    );
+    drop(a);
+    assert_eq!(integrity(&replica), "ok");
+    let r = Connection::open(&replica).unwrap();
+    let n: i64 = r
+        .query_row("SELECT count(*) FROM side_79", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(state(&replica), state(&w.db));
+}
+
 /// A transaction whose recorded checksum (or page count) is wrong is written, found wrong
 /// before COMMIT and rolled back: the replica is exactly as before, and the right one then
 /// applies.

@@ -371,7 +371,11 @@ impl Applier {
             }
         }
         if let Some((1, p)) = pages.first() {
+            let schema_changed = p[40..44] != self.page1[40..44];
             self.page1.copy_from_slice(p);
+            if schema_changed {
+                self.forget_parsed_pages();
+            }
         }
         self.applied = Some(txid);
         self.since_checkpoint += 1;
@@ -385,6 +389,19 @@ impl Applier {
             }
         }
         Ok(self.hashes.checksum())
+    }
+
+    /// Drops this connection's cached pages after a schema change. SQLite's b-tree layer keeps
+    /// each cached page's parsed header (cell count, offsets) beside it, and `sqlite_dbpage`
+    /// writes replace the bytes without touching that: the next schema load (SQLite re-reads
+    /// `sqlite_master` when the schema cookie moved) then walked the old cell layout over the
+    /// new bytes of a `sqlite_master` page and failed with "database disk image is malformed"
+    /// (SQLITE_CORRUPT at OP_Column; seen by the soak once `sqlite_master` outgrew page 1).
+    /// Pages loaded again are parsed again.
+    fn forget_parsed_pages(&self) {
+        if let Err(e) = self.conn.execute_batch("PRAGMA shrink_memory") {
+            tracing::warn!("dropping the replica connection's page cache: {e}");
+        }
     }
 
     /// Checks the transaction's shape before anything is touched.

@@ -12,20 +12,22 @@
 //! data and directory were fsynced, so the moment inotify reports the rename is the moment the
 //! transaction was durable.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::fs;
 use std::os::unix::io::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{
+    bench_dir, bin, cpu_ticks, fill_db, median, pace, percentile, stop_ok as stop, wait_log,
+};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use replited_core::name::FileMeta;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_replited")
-}
 
 struct World {
     dir: tempfile::TempDir,
@@ -68,48 +70,9 @@ impl World {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        let start = Instant::now();
-        while !fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("capturing")
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(600),
-                "replited did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_log(&log, "capturing", Duration::from_secs(600));
         child
     }
-}
-
-fn bench_dir() -> PathBuf {
-    // Beside target/, on the same disk as the build (not a tmpfs).
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-scratch");
-    fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn stop(mut c: Child) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(c.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(c.wait().unwrap().success());
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat; rest starts at field 3.
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
 }
 
 struct Latency {
@@ -201,10 +164,7 @@ fn latency(rate: u32, n: usize) -> Latency {
     let t0 = Instant::now();
     let mut stmt = conn.prepare("INSERT INTO t (v) VALUES (?)").unwrap();
     for i in 0..n {
-        let due = t0 + Duration::from_secs_f64(i as f64 / rate as f64);
-        if let Some(d) = due.checked_duration_since(Instant::now()) {
-            std::thread::sleep(d);
-        }
+        pace(t0, i, rate);
         stmt.execute([&payload]).unwrap();
         commits.push(Instant::now());
     }
@@ -249,36 +209,11 @@ struct RestoreResult {
     cp_mbps: Vec<f64>,
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 /// Builds a database of about `mb` MB, backs it up, then alternates restore and cp.
 fn restore_throughput(mb: u64, rounds: usize) -> RestoreResult {
     let w = World::new();
-    {
-        let conn = rusqlite::Connection::open(&w.db).unwrap();
-        conn.pragma_update(None, "journal_mode", "wal").unwrap();
-        conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB NOT NULL)")
-            .unwrap();
-        // Rows of 3,000 bytes, half random, half zeros: neither all-compressible nor not at all.
-        let rows = mb * 1_000_000 / 3100;
-        let per_txn = 2000;
-        let mut done = 0;
-        while done < rows {
-            let k = per_txn.min(rows - done);
-            conn.execute(
-                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < ?1) \
-                 INSERT INTO t (v) SELECT randomblob(1500) || zeroblob(1500) FROM c",
-                [k],
-            )
-            .unwrap();
-            done += k;
-        }
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-            .unwrap();
-    }
+    // Rows of 3,000 bytes, half random, half zeros: neither all-compressible nor not at all.
+    fill_db(&w.db, mb);
     let child = w.start();
     stop(child);
     let bytes = fs::metadata(&w.db).unwrap().len();

@@ -92,6 +92,12 @@ pub fn rootfs() -> PathBuf {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// One booted container at a time per test process. With `--keep-unit` every container's
+/// systemd manages the same cgroup tree (the test process's own; this host has no systemd to
+/// hand out scopes): two at once removed each other's unit cgroups ("Failed to attach to
+/// cgroup …: No such file or directory", status 219/CGROUP, seen in CI).
+static BOOTED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// One booted container (systemd as PID 1). Dropping it powers it off and removes its files.
 pub struct Container {
     /// The machine name (`-M`), unique per container.
@@ -102,6 +108,8 @@ pub struct Container {
     nspawn: Child,
     /// The container's PID 1, as the host sees it.
     pub leader: u32,
+    /// Held until the container is powered off (fields drop after `Drop::drop`).
+    _booted: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Container {
@@ -130,6 +138,8 @@ impl Container {
     pub fn boot_bare() -> Container {
         need("systemd-nspawn", "systemd-container");
         need("nsenter", "util-linux");
+        // A test that failed while holding it poisoned it; its container is gone all the same.
+        let booted = BOOTED.lock().unwrap_or_else(|e| e.into_inner());
         let rootfs = rootfs();
         let dir = tempfile::Builder::new()
             .prefix("replited-sysd")
@@ -191,6 +201,7 @@ impl Container {
             log,
             nspawn,
             leader: 0,
+            _booted: booted,
         };
         c.leader = c.find_leader();
         c.wait_running();

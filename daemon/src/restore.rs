@@ -70,7 +70,7 @@ pub fn restore(sources: &[&dyn Storage], opts: &RestoreOptions) -> Result<Option
 }
 
 /// A file that was listed is no longer there.
-fn vanished(e: &anyhow::Error) -> bool {
+pub fn vanished(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)

@@ -358,7 +358,15 @@ pub fn parse_restore_config(bytes: &[u8]) -> Result<RestoreSource> {
 /// Reads the transactions after `after` back from one storage target: the chain of segments
 /// (largest first) that continues from `after`, up to [`HISTORY_BATCH_BYTES`].
 fn read_history(storage: &dyn Storage, after: Pos) -> Result<Vec<Txn>> {
-    read_history_in(storage, &storage.list()?, after, HISTORY_BATCH_BYTES)
+    let mut attempt = 1;
+    loop {
+        match read_history_in(storage, &storage.list()?, after, HISTORY_BATCH_BYTES) {
+            // Compaction replaced a listed file meanwhile (the soak saw a replica rebuilt for
+            // this): list again.
+            Err(e) if attempt < 5 && crate::restore::vanished(&e) => attempt += 1,
+            r => return r,
+        }
+    }
 }
 
 /// Like [`read_history`], from the files `all` (a listing of `storage`), up to `max_bytes`.

@@ -392,7 +392,7 @@ fn primary_round(variant: usize, kills: usize, rng: &mut Rng, exp: &Expected, t:
     let r = (|| -> Result<(), String> {
         let (i, _) = db_state(&w.db)?;
         run_load(&w.db, i + 1, i + 50);
-        let _log = d.stop();
+        let stop_log = d.stop();
         let out = w.path("final.db");
         let o = restore_cfg(&w.config, &out, &[]);
         if !o.status.success() {
@@ -412,7 +412,16 @@ fn primary_round(variant: usize, kills: usize, rng: &mut Rng, exp: &Expected, t:
                 ));
             }
             if db_state(&out2)? != db_state(&w.db)? {
-                return Err("the bucket's final restore differs from the primary".into());
+                let spooled = stop_log
+                    .lines()
+                    .filter(|l| l.contains("stay in the spool"))
+                    .collect::<Vec<_>>()
+                    .join(" / ");
+                return Err(format!(
+                    "the bucket's final restore differs from the primary (bucket {:?}, primary {:?}; at the stop: {spooled:?})",
+                    db_state(&out2)?.0,
+                    db_state(&w.db)?.0
+                ));
             }
             integrity_of(&out2)?;
         }

@@ -306,6 +306,7 @@ impl World {
             "REPLITED_RESTORE_MB",
             "REPLITED_IDLE_SECS",
             "REPLITED_BENCH_KEEP",
+            "REPLITED_BENCH_DIR",
         ] {
             if let Ok(x) = std::env::var(v) {
                 let _ = write!(c, "{v}={x} ");
@@ -1167,6 +1168,45 @@ fn restore_table(w: &World) -> (String, String) {
         .unwrap();
     let d = dir.path().to_path_buf();
     let db = d.join("data.db");
+
+    // walrust, the same rows loaded while it watches (incremental LTX files rather than a
+    // start-up snapshot), with its recommended wal_autocheckpoint = 0 on the loading
+    // connection; first, before anything else of this workload is on the disk.
+    let live = w.attempt(Tool::Walrust, || {
+        let bucket = w.bucket("restore-walrust-live");
+        fs::create_dir_all(d.join("live")).unwrap();
+        let ldb = d.join("live/data.db");
+        new_db(&ldb);
+        let watch = ObjectWatch::start(&w.bucket_dir(&bucket));
+        let mut c = Command::new(w.walrust.as_ref().unwrap());
+        c.args(walrust_watch(w, &ldb, &bucket));
+        aws_env(&w.s3, &mut c);
+        let log = d.join("live.log");
+        let mut child = Stopped(Some(spawn_logged(c, &log)));
+        wait_up(
+            &mut child.0,
+            &log,
+            "shadow mode running",
+            Duration::from_secs(60),
+        );
+        let conn = rusqlite::Connection::open(&ldb).unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        fill_rows(&conn, mb);
+        // Done when nothing more arrives in the bucket for 3 s.
+        let quiet = wait_for(w.opts.long, || {
+            watch
+                .last()
+                .is_some_and(|t| t.elapsed() > Duration::from_secs(3))
+        });
+        drop(child);
+        drop(conn);
+        assert!(quiet, "uploads never ended");
+        let rows = immutable_max_id(&ldb);
+        // Only its backup is needed from here on (the disk may be small).
+        fs::remove_dir_all(d.join("live")).unwrap();
+        (Err("—".to_string()), walrust_restore(w, &bucket), rows)
+    });
+
     eprintln!("peers: building a {mb} MB database");
     fill_db(&db, mb);
     let bytes = fs::metadata(&db).unwrap().len();
@@ -1266,45 +1306,16 @@ fn restore_table(w: &World) -> (String, String) {
         );
         (Ok(size / up), walrust_restore(w, &bucket), rows)
     });
+    // A failed walrust snapshot leaves its database-sized temporary copy behind.
+    for e in fs::read_dir(&d).unwrap().flatten() {
+        if e.file_name()
+            .to_string_lossy()
+            .contains(".walrust-snapshot-")
+        {
+            let _ = fs::remove_file(e.path());
+        }
+    }
     peer_restorer(&mut rs, "walrust restore (from S3)", Tool::Walrust, walrust);
-    // walrust again, the same rows loaded while it watches (incremental LTX files rather than
-    // a start-up snapshot), with its recommended wal_autocheckpoint = 0 on the loading
-    // connection.
-    let live = w.attempt(Tool::Walrust, || {
-        let bucket = w.bucket("restore-walrust-live");
-        fs::create_dir_all(d.join("live")).unwrap();
-        let ldb = d.join("live/data.db");
-        new_db(&ldb);
-        let watch = ObjectWatch::start(&w.bucket_dir(&bucket));
-        let mut c = Command::new(w.walrust.as_ref().unwrap());
-        c.args(walrust_watch(w, &ldb, &bucket));
-        aws_env(&w.s3, &mut c);
-        let log = d.join("live.log");
-        let mut child = Stopped(Some(spawn_logged(c, &log)));
-        wait_up(
-            &mut child.0,
-            &log,
-            "shadow mode running",
-            Duration::from_secs(60),
-        );
-        let conn = rusqlite::Connection::open(&ldb).unwrap();
-        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        fill_rows(&conn, mb);
-        // Done when nothing more arrives in the bucket for 3 s.
-        let quiet = wait_for(w.opts.long, || {
-            watch
-                .last()
-                .is_some_and(|t| t.elapsed() > Duration::from_secs(3))
-        });
-        drop(child);
-        drop(conn);
-        assert!(quiet, "uploads never ended");
-        (
-            Err("—".to_string()),
-            walrust_restore(w, &bucket),
-            immutable_max_id(&ldb),
-        )
-    });
     peer_restorer(
         &mut rs,
         "walrust restore (from S3), the rows loaded while it watched",

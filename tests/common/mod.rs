@@ -25,6 +25,40 @@ pub fn load_py() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/load.py")
 }
 
+/// Bytes free for an unprivileged writer on the filesystem holding `path`.
+pub fn disk_free(path: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path)
+        .unwrap_or_else(|e| panic!("statvfs {}: {e}", path.display()));
+    st.blocks_available() as u64 * st.fragment_size() as u64
+}
+
+/// Whether the temporary directory has `need` bytes free. A test that writes gigabytes calls
+/// this first: on a machine whose disk is nearly full it says so on stderr and returns false
+/// (the test then ends there) instead of failing later on errors from a full disk.
+pub fn enough_disk(test: &str, need: u64) -> bool {
+    let tmp = std::env::temp_dir();
+    let free = disk_free(&tmp);
+    if free >= need {
+        return true;
+    }
+    eprintln!(
+        "{test}: NOT RUN: it needs {:.1} GB free under {}, the disk has {:.1} GB",
+        need as f64 / 1e9,
+        tmp.display(),
+        free as f64 / 1e9
+    );
+    false
+}
+
+/// The last `n` bytes of `s` or a little more (from a character boundary).
+pub fn tail(s: &str, n: usize) -> &str {
+    let mut i = s.len().saturating_sub(n);
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    &s[i..]
+}
+
 /// A scratch world for one test.
 pub struct World {
     pub dir: tempfile::TempDir,

@@ -27,7 +27,7 @@ pub fn decode_file(
     loop {
         let (used, ev) = dec
             .decode(&buf[start..])
-            .map_err(|e| anyhow!("{loc}: {e}"))?;
+            .map_err(|e| gone_or(storage, meta, anyhow!("{loc}: {e}")))?;
         start += used;
         match ev {
             Some(ev) => {
@@ -46,8 +46,11 @@ pub fn decode_file(
             }
             None => {
                 if eof {
-                    dec.finish().map_err(|e| anyhow!("{loc}: {e}"))?;
-                    bail!("{loc}: truncated");
+                    let e = match dec.finish() {
+                        Err(e) => anyhow!("{loc}: {e}"),
+                        Ok(()) => anyhow!("{loc}: truncated"),
+                    };
+                    return Err(gone_or(storage, meta, e));
                 }
                 // Refill: keep the unread tail, read at least one more item.
                 buf.drain(..start);
@@ -72,6 +75,19 @@ pub fn decode_file(
     Ok(())
 }
 
+/// A file that reads back short or malformed may have been deleted while it was read (a local
+/// directory empties deleted files for reuse): then the error says so, as a `NotFound` that
+/// readers take as "list again" (`restore::vanished`); else it is `e` unchanged.
+fn gone_or(storage: &dyn Storage, meta: &FileMeta, e: anyhow::Error) -> anyhow::Error {
+    match storage.size(meta) {
+        Err(gone) if crate::restore::vanished(&gone) => anyhow::Error::new(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{e:#}: deleted while it was read"),
+        )),
+        _ => e,
+    }
+}
+
 fn read_some(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
@@ -91,11 +107,47 @@ pub fn read_header(storage: &dyn Storage, meta: &FileMeta) -> Result<FileHeader>
     let mut input = storage.open(meta)?;
     let mut b = [0u8; FILE_HEADER_LEN];
     if read_some(&mut input, &mut b).with_context(|| format!("reading {loc}"))? != b.len() {
-        bail!("{loc}: truncated header");
+        return Err(gone_or(storage, meta, anyhow!("{loc}: truncated header")));
     }
     let h = FileHeader::decode(&b).map_err(|e| anyhow!("{loc}: {e}"))?;
     if !meta.matches(&h) {
         bail!("{loc}: the file's header does not match its name");
     }
     Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restore::vanished;
+    use crate::storage::FsStorage;
+    use replited_core::format::Kind;
+
+    /// A malformed file is an error of its own while it is there; once deleted (as when a local
+    /// directory empties it for reuse under a reader), the same error reads as "list again".
+    #[test]
+    fn a_file_deleted_while_read_is_vanished() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsStorage::at(dir.path().to_path_buf());
+        let meta = FileMeta {
+            kind: Kind::Segment,
+            generation: 1,
+            level: 0,
+            first_txid: 5,
+            last_txid: 5,
+            first_time_ms: 1,
+            last_time_ms: 1,
+        };
+        s.put(&meta, b"short").unwrap();
+        let e = read_header(&s, &meta).unwrap_err();
+        assert!(!vanished(&e), "{e:#}");
+        assert!(format!("{e:#}").contains("truncated header"), "{e:#}");
+        s.delete(&[meta]).unwrap();
+        let e = gone_or(&s, &meta, e);
+        assert!(vanished(&e), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("deleted while it was read"),
+            "{e:#}"
+        );
+    }
 }

@@ -1849,7 +1849,8 @@ impl Replicator {
             for t in &self.targets {
                 t.storage.delete(&inputs)?;
             }
-            self.files.retain(|m| !inputs.contains(m));
+            let merged_away: std::collections::HashSet<&FileMeta> = inputs.iter().collect();
+            self.files.retain(|m| !merged_away.contains(m));
             self.files.push(merged);
             tracing::debug!(level = level + 1, files = inputs.len(), "segments merged");
         }
@@ -1898,7 +1899,8 @@ impl Replicator {
         for t in &self.targets {
             t.storage.delete(&doomed)?;
         }
-        self.files.retain(|m| !doomed.contains(m));
+        let deleted: std::collections::HashSet<&FileMeta> = doomed.iter().collect();
+        self.files.retain(|m| !deleted.contains(m));
         tracing::info!(
             files = doomed.len(),
             "retention deleted files older than {:?}",

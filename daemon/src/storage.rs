@@ -4,10 +4,19 @@
 //! (`ROOT/data.db/`), one subdirectory per generation, with the object names of
 //! `replited_core::name`. Writes are atomic (a temporary name, then a rename) and durable (file
 //! and directory fsync) before `commit` returns.
+//!
+//! A local directory recycles the files it deletes, as PostgreSQL recycles WAL segments: a
+//! deleted file is emptied and moved to `ROOT/data.db/.recycle/`, and the next file created takes
+//! it from there. With one segment file per commit and compaction deleting them as fast, creating
+//! a fresh inode for each was the largest cost of capture on ext4 without a journal (the inode
+//! allocator skips every inode freed in the last seconds, reading each one's on-disk copy).
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use replited_core::name::FileMeta;
@@ -77,23 +86,124 @@ pub trait Storage: Send + Sync {
 /// A local directory: `ROOT/NAME/...`.
 pub struct FsStorage {
     dir: PathBuf,
+    /// Emptied files in `dir/.recycle/`, by number; None until first used.
+    recycled: Mutex<Option<Recycled>>,
+}
+
+/// The subdirectory of emptied files waiting to be reused.
+const RECYCLE: &str = ".recycle";
+/// At most this many emptied files wait (empty files: a few MB of inodes and names at most);
+/// more deletions than that between creations really delete.
+const RECYCLE_MAX: usize = 16384;
+/// Only files up to this size are recycled: the small per-commit segments that come and go by
+/// the thousand. Larger ones (snapshots, merged segments) may be read for longer.
+const RECYCLE_SIZE: u64 = 1 << 20;
+/// An emptied file is reused no sooner than this after its deletion, so a reader that opened it
+/// just before does not find another file's bytes in it (it finds it emptied, and retries).
+const REUSE_AFTER: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+struct Recycled {
+    free: VecDeque<(u64, Instant)>,
+    next: u64,
 }
 
 impl FsStorage {
     /// The target for database `name` under `root`.
     pub fn new(root: &Path, name: &str) -> FsStorage {
-        FsStorage {
-            dir: root.join(name),
-        }
+        FsStorage::at(root.join(name))
     }
 
     /// The target at exactly `dir` (used by `restore file:///...`).
     pub fn at(dir: PathBuf) -> FsStorage {
-        FsStorage { dir }
+        FsStorage {
+            dir,
+            recycled: Mutex::new(None),
+        }
     }
 
     fn path(&self, meta: &FileMeta) -> PathBuf {
         self.dir.join(meta.path())
+    }
+
+    fn recycle_path(&self, n: u64) -> PathBuf {
+        self.dir.join(RECYCLE).join(n.to_string())
+    }
+
+    /// Runs `f` on the list of emptied files, first read from the directory (files an earlier
+    /// run left there are reused too).
+    fn with_recycled<T>(&self, f: impl FnOnce(&mut Recycled) -> T) -> T {
+        let mut guard = self.recycled.lock().expect("recycle lock");
+        let r = guard.get_or_insert_with(|| {
+            let mut r = Recycled::default();
+            for e in fs::read_dir(self.dir.join(RECYCLE))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if let Some(n) = e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) {
+                    r.free.push_back((n, Instant::now()));
+                    r.next = r.next.max(n + 1);
+                }
+            }
+            r
+        });
+        f(r)
+    }
+
+    /// Moves an emptied file to `tmp`, if one waits; false when there is none.
+    fn reuse(&self, tmp: &Path) -> bool {
+        while let Some(n) = self.with_recycled(|r| match r.free.front() {
+            Some(&(n, at)) if at.elapsed() >= REUSE_AFTER => {
+                r.free.pop_front();
+                Some(n)
+            }
+            _ => None,
+        }) {
+            if fs::rename(self.recycle_path(n), tmp).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Deletes the file at `p` by emptying it into the recycled files (Ok(false): there is no
+    /// room, or it could not be moved; the caller removes it).
+    fn recycle(&self, p: &Path) -> io::Result<bool> {
+        if fs::metadata(p)?.len() > RECYCLE_SIZE {
+            return Ok(false);
+        }
+        let Some(n) = self.with_recycled(|r| {
+            (r.free.len() < RECYCLE_MAX).then(|| {
+                r.next += 1;
+                r.next - 1
+            })
+        }) else {
+            return Ok(false);
+        };
+        let dst = self.recycle_path(n);
+        match fs::rename(p, &dst) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound && p.exists() => {
+                // No recycle directory yet.
+                fs::create_dir_all(self.dir.join(RECYCLE))?;
+                fs::rename(p, &dst)?;
+            }
+            Err(e) => return Err(e),
+        }
+        // Emptied now, so a deleted backup's bytes do not linger; a crash before this leaves
+        // them until the file is reused (opened with truncation).
+        if OpenOptions::new()
+            .write(true)
+            .open(&dst)
+            .and_then(|f| f.set_len(0))
+            .is_ok()
+        {
+            self.with_recycled(|r| r.free.push_back((n, Instant::now())));
+        } else {
+            let _ = fs::remove_file(&dst);
+        }
+        Ok(true)
     }
 }
 
@@ -187,10 +297,10 @@ impl Storage for FsStorage {
         };
         for g in gens {
             let g = g?;
-            if !g.file_type()?.is_dir() {
+            let gname = g.file_name().to_string_lossy().into_owned();
+            if !g.file_type()?.is_dir() || gname.starts_with('.') {
                 continue;
             }
-            let gname = g.file_name().to_string_lossy().into_owned();
             for f in
                 fs::read_dir(g.path()).with_context(|| format!("listing {}", g.path().display()))?
             {
@@ -216,6 +326,7 @@ impl Storage for FsStorage {
             sync_dir(&self.dir).with_context(|| format!("syncing {}", self.dir.display()))?;
         }
         let tmp = dst.with_extension("tmp");
+        self.reuse(&tmp);
         let file = OpenOptions::new()
             .write(true)
             .create(true)
@@ -235,7 +346,11 @@ impl Storage for FsStorage {
         let mut dirs = std::collections::BTreeSet::new();
         for m in metas {
             let p = self.path(m);
-            match fs::remove_file(&p) {
+            let removed = match self.recycle(&p) {
+                Ok(true) => Ok(()),
+                _ => fs::remove_file(&p),
+            };
+            match removed {
                 Ok(()) => {
                     dirs.insert(p.parent().expect("object path has a parent").to_path_buf());
                 }
@@ -256,5 +371,60 @@ impl Storage for FsStorage {
 
     fn locate(&self, meta: &FileMeta) -> String {
         self.path(meta).display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use replited_core::format::Kind;
+    use std::os::unix::fs::MetadataExt;
+
+    fn seg(txid: u64) -> FileMeta {
+        FileMeta {
+            kind: Kind::Segment,
+            generation: 1,
+            level: 0,
+            first_txid: txid,
+            last_txid: txid,
+            first_time_ms: txid,
+            last_time_ms: txid,
+        }
+    }
+
+    /// A deleted small file is emptied into `.recycle`, unlisted, and its inode serves the next
+    /// file created once it has waited; a file too large to recycle is really deleted.
+    #[test]
+    fn deleted_files_are_emptied_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FsStorage::at(dir.path().join("data.db"));
+        s.check_writable().unwrap();
+        s.put(&seg(1), b"first segment").unwrap();
+        s.put(&seg(2), &vec![7u8; (RECYCLE_SIZE + 1) as usize])
+            .unwrap();
+        let ino = fs::metadata(s.path(&seg(1))).unwrap().ino();
+        s.delete(&[seg(1), seg(2)]).unwrap();
+        assert!(s.list().unwrap().is_empty());
+        let waiting: Vec<_> = fs::read_dir(dir.path().join("data.db").join(RECYCLE))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap())
+            .collect();
+        assert_eq!(waiting.len(), 1, "only the small file is kept");
+        assert_eq!((waiting[0].ino(), waiting[0].len()), (ino, 0));
+        // Too soon: a fresh file.
+        s.put(&seg(3), b"third").unwrap();
+        assert_ne!(fs::metadata(s.path(&seg(3))).unwrap().ino(), ino);
+        std::thread::sleep(REUSE_AFTER + Duration::from_millis(100));
+        s.put(&seg(4), b"fourth").unwrap();
+        let p4 = s.path(&seg(4));
+        assert_eq!(fs::metadata(&p4).unwrap().ino(), ino);
+        assert_eq!(fs::read(&p4).unwrap(), b"fourth");
+        let listed: Vec<u64> = s.list().unwrap().iter().map(|m| m.first_txid).collect();
+        assert_eq!(listed.len(), 2);
+        assert!(listed.contains(&3) && listed.contains(&4));
+        // A second storage on the same directory (a restart) finds the waiting files.
+        s.delete(&[seg(3)]).unwrap();
+        let again = FsStorage::at(dir.path().join("data.db"));
+        assert_eq!(again.with_recycled(|r| r.free.len()), 1);
     }
 }

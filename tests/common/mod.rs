@@ -131,13 +131,15 @@ impl World {
             .unwrap()
     }
 
-    /// Every stored file (relative paths), sorted.
+    /// Every stored file in the backup's generations (not `.recycle/`, emptied files waiting
+    /// for reuse), sorted.
     pub fn stored_files(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
         let root = self.backup.join("data.db");
         if let Ok(gens) = fs::read_dir(&root) {
+            // Generations only: not `.recycle/` (emptied files waiting for reuse).
             for g in gens.flatten() {
-                if g.path().is_dir() {
+                if g.path().is_dir() && !g.file_name().to_string_lossy().starts_with('.') {
                     for f in fs::read_dir(g.path()).unwrap().flatten() {
                         out.push(f.path());
                     }

@@ -355,25 +355,28 @@ fn replica_follows_the_bucket_alone() {
 /// A streamed replica's initial restore downloads from the primary's bucket through the
 /// restore-config flow (the primary requires client certificates, so it may hand out the
 /// bucket's credentials), then follows the primary over QUIC.
-#[test]
-fn stream_replica_restores_from_the_bucket() {
-    let s = S3Server::start();
-    s.create_bucket(BUCKET);
-    let w = World::new("");
+/// A primary configured with an S3 target on `s` and a stream server requiring client
+/// certificates; the stream's UDP port.
+fn configure_stream(w: &World, s: &S3Server) -> u16 {
     let certs = w.path("certs");
     let c = certs.to_str().unwrap();
     make_certs(&certs, &["127.0.0.1"]);
     let port = free_udp_port();
     configure(
-        &w,
+        w,
         &format!(
             "{}\n[[database.replicate]]\nname = \"stream\"\n[database.replicate.params]\ntype = \"stream\"\naddr = \"quic://127.0.0.1:{port}\"\ntls_cert = \"{c}/primary.pem\"\ntls_key = \"{c}/primary-key.pem\"\ntls_client_ca = \"{c}/ca.pem\"\n",
-            s3_target(&s, BUCKET, &s.secret_key)
+            s3_target(s, BUCKET, &s.secret_key)
         ),
         false,
     );
-    let d = w.start("auto");
-    run_load(&w.db, 1, 300);
+    port
+}
+
+/// A `replica-sidecar` streaming from the primary of [`configure_stream`]; its database.
+fn start_replica(w: &World, port: u16) -> (Daemon, std::path::PathBuf) {
+    let c = w.path("certs");
+    let c = c.to_str().unwrap();
     let rdir = w.path("replica");
     fs::create_dir_all(&rdir).unwrap();
     let rdb = rdir.join("data.db");
@@ -392,7 +395,18 @@ fn stream_replica_restores_from_the_bucket() {
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let r = Daemon { child, log };
+    (Daemon { child, log }, rdb)
+}
+
+#[test]
+fn stream_replica_restores_from_the_bucket() {
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let w = World::new("");
+    let port = configure_stream(&w, &s);
+    let d = w.start("auto");
+    run_load(&w.db, 1, 300);
+    let (r, rdb) = start_replica(&w, port);
     r.wait_for_log("caught up with the primary", Duration::from_secs(60));
     let text = r.log_text();
     assert!(
@@ -416,6 +430,47 @@ fn stream_replica_restores_from_the_bucket() {
     r.stop();
     let plog = d.stop();
     assert!(!plog.contains(&s.secret_key), "credentials never logged");
+}
+
+/// A replica further behind than the primary keeps in memory catches up from what waits in
+/// the spool while S3 is down (the stream server reads history through the spool too: it
+/// used to see only the bucket, and had the replica rebuilt from it).
+#[test]
+fn stream_replica_catches_up_from_the_spool_while_s3_is_down() {
+    let mut s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let w = World::new("");
+    let port = configure_stream(&w, &s);
+    let d = w.start("auto");
+    run_load(&w.db, 1, 100);
+    let (r, rdb) = start_replica(&w, port);
+    r.wait_for_log("caught up with the primary", Duration::from_secs(60));
+    wait_converged(&w.db, &rdb, Duration::from_secs(30), &[&d, &r]);
+    let rlog = r.stop();
+    s.stop();
+    // More than the stream server's 8 MiB of recent transactions, written while the replica
+    // is away and S3 cannot take them.
+    {
+        let conn = rusqlite::Connection::open(&w.db).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn.execute_batch("CREATE TABLE blobs (b BLOB)").unwrap();
+        for i in 0..120u32 {
+            let b: Vec<u8> = (0..100_000u32)
+                .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i) >> 13) as u8)
+                .collect();
+            conn.execute("INSERT INTO blobs VALUES (?1)", [b]).unwrap();
+        }
+    }
+    run_load(&w.db, 101, 400);
+    let (r, _) = start_replica(&w, port);
+    wait_converged(&w.db, &rdb, Duration::from_secs(60), &[&d, &r]);
+    let log = r.stop();
+    assert!(!log.contains("must be rebuilt"), "{rlog}\n---\n{log}");
+    assert_eq!(state(&rdb).0, 400);
+    assert_eq!(state(&rdb), state(&w.db));
+    assert_eq!(integrity(&rdb), "ok");
+    s.restart();
+    d.stop();
 }
 
 /// The spool is bounded: with S3 down and more waiting than `spool_limit_mb`, capture is held

@@ -75,16 +75,33 @@ pub struct Target {
 /// Builds the storage targets of a database from its config (a stream server is not one), for
 /// reading and checking them.
 pub fn targets(cfg: &DbConfig) -> Result<Vec<Target>> {
-    build_targets(cfg, false)
+    build_targets(cfg, Spool::None)
 }
 
 /// The targets capture writes to: remote ones (S3) behind a local spool, so a failing store
 /// never holds capture or the other targets back.
 fn capture_targets(cfg: &DbConfig) -> Result<Vec<Target>> {
-    build_targets(cfg, true)
+    build_targets(cfg, Spool::Own)
 }
 
-fn build_targets(cfg: &DbConfig, spool: bool) -> Result<Vec<Target>> {
+/// The targets the stream server reads history from: remote ones together with what waits in
+/// capture's spool for them (a replica a little behind needs transactions not uploaded yet).
+pub fn history_targets(cfg: &DbConfig) -> Result<Vec<Target>> {
+    build_targets(cfg, Spool::Read)
+}
+
+/// What a remote target has of its local spool.
+#[derive(Clone, Copy, PartialEq)]
+enum Spool {
+    /// Nothing: the store alone.
+    None,
+    /// The spool itself (capture: writes wait in it and are uploaded in order).
+    Own,
+    /// Read-only: what waits in the spool of the capture running beside it, and the store.
+    Read,
+}
+
+fn build_targets(cfg: &DbConfig, spool: Spool) -> Result<Vec<Target>> {
     let mut out = Vec::new();
     for r in &cfg.replicate {
         out.extend(build_target(cfg, r, spool)?);
@@ -93,7 +110,7 @@ fn build_targets(cfg: &DbConfig, spool: bool) -> Result<Vec<Target>> {
 }
 
 /// One storage target (None for a stream server).
-fn build_target(cfg: &DbConfig, r: &ReplicateConfig, spool: bool) -> Result<Option<Target>> {
+fn build_target(cfg: &DbConfig, r: &ReplicateConfig, spool: Spool) -> Result<Option<Target>> {
     let name = db_name(&cfg.db);
     let storage = match &r.params {
         TargetParams::Fs(p) => Box::new(FsStorage::new(&p.root, &name)) as Box<dyn Storage>,
@@ -101,23 +118,25 @@ fn build_target(cfg: &DbConfig, r: &ReplicateConfig, spool: bool) -> Result<Opti
         TargetParams::S3(p) => {
             let s3 = S3Storage::new(p, &name, parent_dir(&cfg.db))
                 .with_context(|| format!("replicate \"{}\"", r.name))?;
-            if spool {
-                let dir = p.spool_dir.clone().unwrap_or_else(|| {
-                    parent_dir(&cfg.db)
-                        .join(format!(".{name}-replited-spool"))
-                        .join(&r.name)
-                });
-                let limit = p
-                    .spool_limit_mb
-                    .map_or(crate::spool::DEFAULT_LIMIT, |mb| mb << 20);
-                Box::new(SpoolStorage::new(
-                    Box::new(s3),
-                    dir,
-                    limit,
-                    (&name, &r.name),
-                )?) as Box<dyn Storage>
-            } else {
-                Box::new(s3)
+            let dir = p.spool_dir.clone().unwrap_or_else(|| {
+                parent_dir(&cfg.db)
+                    .join(format!(".{name}-replited-spool"))
+                    .join(&r.name)
+            });
+            match spool {
+                Spool::Own => {
+                    let limit = p
+                        .spool_limit_mb
+                        .map_or(crate::spool::DEFAULT_LIMIT, |mb| mb << 20);
+                    Box::new(SpoolStorage::new(
+                        Box::new(s3),
+                        dir,
+                        limit,
+                        (&name, &r.name),
+                    )?) as Box<dyn Storage>
+                }
+                Spool::Read => Box::new(crate::spool::SpoolView::new(Box::new(s3), dir)),
+                Spool::None => Box::new(s3),
             }
         }
         TargetParams::Stream(_) => return Ok(None),
@@ -645,7 +664,7 @@ impl Replicator {
             for r in &after {
                 built.push(match before.iter().position(|b| b == r) {
                     Some(_) => None,
-                    None => Some(build_target(&new, r, true)?.expect("a storage target")),
+                    None => Some(build_target(&new, r, Spool::Own)?.expect("a storage target")),
                 });
             }
             self.write_batch()
@@ -1874,7 +1893,10 @@ impl Replicator {
             decode_file(src, m, |ev, dec| {
                 match ev {
                     Event::Txn(t) => enc.begin_txn(t, &mut out)?,
-                    Event::Page(pgno) => enc.page(*pgno, dec.page(), &mut out)?,
+                    // Pages are copied as stored: compressed once, at capture.
+                    Event::Page(pgno) => {
+                        enc.page_as_stored(*pgno, dec.page(), Some(dec.stored()), &mut out)?
+                    }
                     Event::Header(_) | Event::End => {}
                 }
                 sink.spill(&mut out)?;

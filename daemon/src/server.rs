@@ -30,7 +30,7 @@ use tokio::sync::watch;
 
 use crate::config::{db_name, DbConfig, S3Params, StreamParams, TargetParams};
 use crate::reader::decode_file;
-use crate::replicate::{now_ms, targets};
+use crate::replicate::now_ms;
 use crate::restore::{remove_db_files, restore, RestoreOptions};
 use crate::storage::Storage;
 use crate::transport::{self, FramedStream, ServerTls};
@@ -122,7 +122,10 @@ impl Hub {
             name,
             state: Mutex::new(HubState::default()),
             changed: watch::channel(0).0,
-            storage: targets(cfg)?.into_iter().map(|t| t.storage).collect(),
+            storage: crate::replicate::history_targets(cfg)?
+                .into_iter()
+                .map(|t| t.storage)
+                .collect(),
             restore_config,
             health: std::sync::OnceLock::new(),
         })

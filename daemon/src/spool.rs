@@ -325,6 +325,122 @@ fn upload_loop(inner: &dyn Storage, shared: &Shared, dir: &Path, metrics: Upload
 }
 
 /// The name of an uploaded file's local copy.
+/// The files `stored` in a store and those `waiting` in its spool, in order, each once.
+fn merged(mut all: Vec<FileMeta>, waiting: Vec<FileMeta>) -> Vec<FileMeta> {
+    all.extend(waiting);
+    all.sort_by_key(|m| {
+        (
+            m.generation,
+            m.first_txid,
+            m.last_txid,
+            m.level,
+            m.kind as u8,
+        )
+    });
+    all.dedup();
+    all
+}
+
+/// A file from the spool at `p` (waiting, or its copy kept after the upload), else from the
+/// store.
+fn open_local_or_stored(
+    p: &Path,
+    meta: &FileMeta,
+    store: &dyn Storage,
+) -> Result<Box<dyn Read + Send>> {
+    match File::open(p).or_else(|_| File::open(uploaded(p))) {
+        Ok(f) => Ok(Box::new(io::BufReader::with_capacity(1 << 20, f))),
+        Err(_) => store.open(meta),
+    }
+}
+
+/// A read-only view of the spool that a capture running beside keeps for a store, and of
+/// the store: what the stream server reads history through. It lists the spool's directory
+/// (files waiting and the copies of uploaded ones) before the store, so a file uploaded
+/// meanwhile is listed either way, and opens the spool's copy when there is one.
+pub struct SpoolView {
+    inner: Box<dyn Storage>,
+    dir: PathBuf,
+}
+
+impl SpoolView {
+    pub fn new(inner: Box<dyn Storage>, dir: PathBuf) -> SpoolView {
+        SpoolView { inner, dir }
+    }
+
+    fn path(&self, meta: &FileMeta) -> PathBuf {
+        self.dir.join(meta.path())
+    }
+
+    /// The files in the spool directory, waiting or kept after their upload.
+    fn local(&self) -> Vec<FileMeta> {
+        let mut out = Vec::new();
+        for g in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let gname = g.file_name().to_string_lossy().into_owned();
+            if gname.starts_with('.') || !g.path().is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(g.path()).into_iter().flatten().flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let name = name.strip_suffix(".up").unwrap_or(&name);
+                if let Some(m) = FileMeta::parse_path(&format!("{gname}/{name}")) {
+                    out.push(m);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Storage for SpoolView {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        bail!("{}: a read-only view", self.describe())
+    }
+
+    /// With the store unreachable, what the spool holds alone: the transactions a replica a
+    /// little behind needs are there (the reason for the spool), and whoever reads finds out
+    /// from the chain whether they are all there.
+    fn list(&self) -> Result<Vec<FileMeta>> {
+        let waiting = self.local();
+        let stored = self.inner.list().unwrap_or_else(|e| {
+            tracing::debug!("{e:#}: listing the spool {} alone", self.dir.display());
+            Vec::new()
+        });
+        Ok(merged(stored, waiting))
+    }
+
+    fn create(&self, meta: &FileMeta) -> Result<Box<dyn ObjectWriter>> {
+        bail!("{}: a read-only view", self.locate(meta))
+    }
+
+    fn open(&self, meta: &FileMeta) -> Result<Box<dyn Read + Send>> {
+        open_local_or_stored(&self.path(meta), meta, &*self.inner)
+    }
+
+    fn delete(&self, metas: &[FileMeta]) -> Result<()> {
+        match metas.first() {
+            Some(m) => bail!("{}: a read-only view", self.locate(m)),
+            None => Ok(()),
+        }
+    }
+
+    fn locate(&self, meta: &FileMeta) -> String {
+        self.inner.locate(meta)
+    }
+
+    fn size(&self, meta: &FileMeta) -> Result<u64> {
+        let p = self.path(meta);
+        fs::metadata(&p)
+            .or_else(|_| fs::metadata(uploaded(&p)))
+            .map(|m| m.len())
+            .or_else(|_| self.inner.size(meta))
+    }
+}
+
 fn uploaded(p: &Path) -> PathBuf {
     let mut s = p.as_os_str().to_owned();
     s.push(".up");
@@ -411,19 +527,11 @@ impl Storage for SpoolStorage {
     }
 
     fn list(&self) -> Result<Vec<FileMeta>> {
-        let mut all = self.inner.list()?;
-        all.extend(self.spooled());
-        all.sort_by_key(|m| {
-            (
-                m.generation,
-                m.first_txid,
-                m.last_txid,
-                m.level,
-                m.kind as u8,
-            )
-        });
-        all.dedup();
-        Ok(all)
+        // What waits first, then the store: a file whose upload completes between the two is
+        // in one of them either way. (The other order missed it: the stream server, reading
+        // history for a replica a little behind, then found a gap and had the replica rebuilt.)
+        let waiting = self.spooled();
+        Ok(merged(self.inner.list()?, waiting))
     }
 
     fn create(&self, meta: &FileMeta) -> Result<Box<dyn ObjectWriter>> {
@@ -465,11 +573,7 @@ impl Storage for SpoolStorage {
     }
 
     fn open(&self, meta: &FileMeta) -> Result<Box<dyn Read + Send>> {
-        let p = self.path(meta);
-        match File::open(&p).or_else(|_| File::open(uploaded(&p))) {
-            Ok(f) => Ok(Box::new(io::BufReader::with_capacity(1 << 20, f))),
-            Err(_) => self.inner.open(meta),
-        }
+        open_local_or_stored(&self.path(meta), meta, &*self.inner)
     }
 
     fn delete(&self, metas: &[FileMeta]) -> Result<()> {
@@ -509,5 +613,93 @@ impl Storage for SpoolStorage {
 
     fn locate(&self, meta: &FileMeta) -> String {
         self.inner.locate(meta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::FsStorage;
+    use replited_core::format::Kind;
+    use std::sync::Arc;
+
+    /// A local directory as the remote store, with two hooks to line up a race: an upload
+    /// (`create`) waits until a listing has been read, and the listing is returned only after
+    /// that upload had time to complete.
+    struct Racing {
+        fs: FsStorage,
+        listed: Arc<(Mutex<bool>, Condvar)>,
+    }
+
+    impl Storage for Racing {
+        fn describe(&self) -> String {
+            self.fs.describe()
+        }
+        fn check_writable(&self) -> Result<()> {
+            self.fs.check_writable()
+        }
+        fn list(&self) -> Result<Vec<FileMeta>> {
+            let l = self.fs.list();
+            *self.listed.0.lock().unwrap() = true;
+            self.listed.1.notify_all();
+            std::thread::sleep(Duration::from_millis(300));
+            l
+        }
+        fn create(&self, meta: &FileMeta) -> Result<Box<dyn crate::storage::ObjectWriter>> {
+            let mut g = self.listed.0.lock().unwrap();
+            while !*g {
+                g = self.listed.1.wait(g).unwrap();
+            }
+            self.fs.create(meta)
+        }
+        fn open(&self, meta: &FileMeta) -> Result<Box<dyn Read + Send>> {
+            self.fs.open(meta)
+        }
+        fn delete(&self, metas: &[FileMeta]) -> Result<()> {
+            self.fs.delete(metas)
+        }
+        fn locate(&self, meta: &FileMeta) -> String {
+            self.fs.locate(meta)
+        }
+        fn size(&self, meta: &FileMeta) -> Result<u64> {
+            self.fs.size(meta)
+        }
+    }
+
+    /// A file whose upload completes while the store is being listed is in the listing (the
+    /// stream server reads history through it; a missing file had replicas rebuilt).
+    #[test]
+    fn a_file_uploaded_during_a_listing_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Racing {
+            fs: FsStorage::at(dir.path().join("store")),
+            listed: Arc::new((Mutex::new(false), Condvar::new())),
+        };
+        let spool = SpoolStorage::new(
+            Box::new(store),
+            dir.path().join("spool"),
+            1 << 20,
+            ("d", "s"),
+        )
+        .unwrap();
+        let meta = FileMeta {
+            kind: Kind::Segment,
+            generation: 1,
+            level: 0,
+            first_txid: 2,
+            last_txid: 2,
+            first_time_ms: 1,
+            last_time_ms: 1,
+        };
+        spool.put(&meta, b"segment").unwrap();
+        // The upload has started and waits for the listing.
+        let start = Instant::now();
+        while spool.spooled().is_empty() || spool.shared.q.lock().unwrap().busy.is_none() {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(spool.list().unwrap(), vec![meta]);
+        // And the upload did complete meanwhile.
+        assert!(spool.shared.q.lock().unwrap().busy.is_none());
     }
 }

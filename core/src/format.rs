@@ -653,6 +653,20 @@ impl Encoder {
     /// Appends one page record: checks `data.len()` == page size, page order,
     /// the record count and the database size.
     pub fn page(&mut self, pgno: u32, data: &[u8], out: &mut Vec<u8>) -> Result<(), FormatError> {
+        self.page_as_stored(pgno, data, None, out)
+    }
+
+    /// Like [`Encoder::page`], with `stored` the payload another file holds for exactly
+    /// `data` ([`Decoder::stored`], which checked it decompresses to `data`): a compressed
+    /// one is copied as it is instead of compressing `data` again (when this file is
+    /// compressed too).
+    pub fn page_as_stored(
+        &mut self,
+        pgno: u32,
+        data: &[u8],
+        stored: Option<&[u8]>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), FormatError> {
         let page_size = self.seq.header.page_size;
         self.seq.check_pgno(pgno)?;
         if data.len() != page_size as usize {
@@ -663,12 +677,15 @@ impl Encoder {
             });
         }
         let xor = self.seq.check_page_data(pgno, data);
-        let stored: &[u8] = match self.seq.header.compression {
-            Compression::None => data,
-            Compression::Lz4 => match lz4_flex::block::compress_into(data, &mut self.scratch) {
-                Ok(n) if n > 0 && n < data.len() => &self.scratch[..n],
-                _ => data,
-            },
+        let stored: &[u8] = match (self.seq.header.compression, stored) {
+            (Compression::None, _) => data,
+            (Compression::Lz4, Some(s)) if !s.is_empty() && s.len() < data.len() => s,
+            (Compression::Lz4, _) => {
+                match lz4_flex::block::compress_into(data, &mut self.scratch) {
+                    Ok(n) if n > 0 && n < data.len() => &self.scratch[..n],
+                    _ => data,
+                }
+            }
         };
         let mut rec = [0u8; PAGE_RECORD_HEADER_LEN];
         put32(&mut rec, PR_PGNO, pgno);
@@ -739,6 +756,8 @@ pub struct Decoder {
     seq: Option<Seq>,
     hasher: Xxh3,
     page: Vec<u8>,
+    /// The last page record's payload as stored (compressed or not).
+    stored: Vec<u8>,
     file_hash: Option<u64>,
 }
 
@@ -765,6 +784,7 @@ impl Decoder {
             seq: None,
             hasher: Xxh3::new(),
             page: Vec::new(),
+            stored: Vec::new(),
             file_hash: None,
         }
     }
@@ -880,6 +900,8 @@ impl Decoder {
         let xor = seq.check_page_data(pgno, &self.page)?;
         seq.accept_page(pgno, xor);
         self.hasher.update(&input[..total]);
+        self.stored.clear();
+        self.stored.extend_from_slice(data);
         if seq.remaining == 0 {
             self.state = State::Txn;
         }
@@ -889,6 +911,13 @@ impl Decoder {
     /// The data of the page of the last [`Event::Page`] (page size bytes).
     pub fn page(&self) -> &[u8] {
         &self.page
+    }
+
+    /// The last [`Event::Page`]'s record payload as stored: lz4 of [`Decoder::page`] when
+    /// shorter than a page, else the page itself. [`Encoder::page_as_stored`] takes it to copy
+    /// a page from one file to another without compressing it again.
+    pub fn stored(&self) -> &[u8] {
+        &self.stored
     }
 
     /// The file header, once decoded.

@@ -756,7 +756,8 @@ pub struct Decoder {
     seq: Option<Seq>,
     hasher: Xxh3,
     page: Vec<u8>,
-    /// The last page record's payload as stored (compressed or not).
+    /// The last page record's lz4 payload when it was compressed, else empty (the payload is
+    /// then `page` itself, not copied twice).
     stored: Vec<u8>,
     file_hash: Option<u64>,
 }
@@ -901,7 +902,9 @@ impl Decoder {
         seq.accept_page(pgno, xor);
         self.hasher.update(&input[..total]);
         self.stored.clear();
-        self.stored.extend_from_slice(data);
+        if len < page_size {
+            self.stored.extend_from_slice(data);
+        }
         if seq.remaining == 0 {
             self.state = State::Txn;
         }
@@ -917,7 +920,11 @@ impl Decoder {
     /// shorter than a page, else the page itself. [`Encoder::page_as_stored`] takes it to copy
     /// a page from one file to another without compressing it again.
     pub fn stored(&self) -> &[u8] {
-        &self.stored
+        if self.stored.is_empty() {
+            &self.page
+        } else {
+            &self.stored
+        }
     }
 
     /// The file header, once decoded.

@@ -770,6 +770,41 @@ fn error_messages() {
     assert_eq!(e.to_string(), "bad magic");
 }
 
+/// `file` copied record by record with `page_as_stored`, as compaction does, into a file
+/// compressed with `compression`; and how many pages were given a compressed payload.
+fn copy_as_stored(file: &[u8], compression: Compression) -> (Vec<u8>, usize) {
+    let mut d = Decoder::new();
+    let mut copy = Vec::new();
+    let mut enc = None;
+    let mut at = 0;
+    let mut compressed = 0;
+    while at < file.len() {
+        let (used, ev) = d.decode(&file[at..]).unwrap();
+        at += used;
+        match ev.unwrap() {
+            Event::Header(fh) => {
+                let fh = FileHeader { compression, ..fh };
+                enc = Some(Encoder::new(&fh, &mut copy).unwrap())
+            }
+            Event::Txn(t) => enc.as_mut().unwrap().begin_txn(&t, &mut copy).unwrap(),
+            Event::Page(pgno) => {
+                assert!(d.stored().len() <= d.page().len());
+                if d.stored().len() < d.page().len() {
+                    compressed += 1;
+                }
+                enc.as_mut()
+                    .unwrap()
+                    .page_as_stored(pgno, d.page(), Some(d.stored()), &mut copy)
+                    .unwrap()
+            }
+            Event::End => {
+                enc.take().unwrap().finish(&mut copy).unwrap();
+            }
+        }
+    }
+    (copy, compressed)
+}
+
 /// A file copied record by record with `page_as_stored` (as compaction does) is byte for byte
 /// the file encoded from the pages, for both compressions, compressible and incompressible
 /// pages alike; a page given with a payload that is not compressed is compressed as usual.
@@ -777,34 +812,8 @@ fn error_messages() {
 fn copying_pages_as_stored_gives_the_same_file() {
     for compression in [Compression::Lz4, Compression::None] {
         let h = header(Kind::Segment, compression, 4096, 10, 13);
-        let txns = segment_txns(4096);
-        let (file, _, _) = encode(&h, &txns);
-        let mut d = Decoder::new();
-        let mut copy = Vec::new();
-        let mut enc = None;
-        let mut at = 0;
-        let mut copied_compressed = 0;
-        while at < file.len() {
-            let (used, ev) = d.decode(&file[at..]).unwrap();
-            at += used;
-            match ev.unwrap() {
-                Event::Header(fh) => enc = Some(Encoder::new(&fh, &mut copy).unwrap()),
-                Event::Txn(t) => enc.as_mut().unwrap().begin_txn(&t, &mut copy).unwrap(),
-                Event::Page(pgno) => {
-                    assert!(d.stored().len() <= 4096);
-                    if d.stored().len() < 4096 {
-                        copied_compressed += 1;
-                    }
-                    enc.as_mut()
-                        .unwrap()
-                        .page_as_stored(pgno, d.page(), Some(d.stored()), &mut copy)
-                        .unwrap()
-                }
-                Event::End => {
-                    enc.take().unwrap().finish(&mut copy).unwrap();
-                }
-            }
-        }
+        let (file, _, _) = encode(&h, &segment_txns(4096));
+        let (copy, copied_compressed) = copy_as_stored(&file, compression);
         assert_eq!(copy, file, "{compression:?}");
         assert_eq!(
             copied_compressed > 0,
@@ -823,31 +832,5 @@ fn copying_pages_as_stored_gives_the_same_file() {
         },
         &txns,
     );
-    let mut d = Decoder::new();
-    let mut copy = Vec::new();
-    let mut enc = None;
-    let mut at = 0;
-    while at < raw.len() {
-        let (used, ev) = d.decode(&raw[at..]).unwrap();
-        at += used;
-        match ev.unwrap() {
-            Event::Header(fh) => {
-                let fh = FileHeader {
-                    compression: Compression::Lz4,
-                    ..fh
-                };
-                enc = Some(Encoder::new(&fh, &mut copy).unwrap())
-            }
-            Event::Txn(t) => enc.as_mut().unwrap().begin_txn(&t, &mut copy).unwrap(),
-            Event::Page(pgno) => enc
-                .as_mut()
-                .unwrap()
-                .page_as_stored(pgno, d.page(), Some(d.stored()), &mut copy)
-                .unwrap(),
-            Event::End => {
-                enc.take().unwrap().finish(&mut copy).unwrap();
-            }
-        }
-    }
-    assert_eq!(copy, want);
+    assert_eq!(copy_as_stored(&raw, Compression::Lz4).0, want);
 }

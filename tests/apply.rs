@@ -224,6 +224,102 @@ fn replica_follows_primary_with_live_reader() {
 #[test]
 fn growth_and_shrink() {
     let w = World::new("");
+    grow_and_shrink(&w);
+    let replica = w.path("replica.db");
+    let (counts, snap_pages) = replay(&w, &replica);
+    let peak = *counts.iter().max().unwrap();
+    let at = counts.iter().position(|&n| n == peak).unwrap();
+    let after = *counts[at..].iter().min().unwrap();
+    eprintln!(
+        "pages: snapshot {snap_pages}, peak {peak}, after VACUUM {after}, final {}",
+        counts.last().unwrap()
+    );
+    assert!(peak > 300, "grew from {snap_pages} to {peak}");
+    assert!(after * 5 < peak, "shrank from {peak} to {after}");
+    let r = Connection::open(&replica).unwrap();
+    let n: u32 = r.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+    assert_eq!(n, *counts.last().unwrap());
+    let big: i64 = r
+        .query_row("SELECT count(*) FROM big", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(big, 0);
+}
+
+/// The same history applied as a replica that is behind applies it: runs of transactions that
+/// each `joins_batch` the one before, merged into one (`Txn::merged`) and applied as one SQLite
+/// transaction (`Applier::apply_run`), a shrinking transaction starting a run alone. Every run
+/// ends at its last transaction's checksum (the applier checks it before COMMIT), and the
+/// replica ends equal to the primary, as one-by-one does.
+#[test]
+fn runs_merged_into_one_reach_the_same_states() {
+    use replited_core::proto::{joins_batch, Txn as Wire, TxnInfo};
+    let w = World::new("");
+    grow_and_shrink(&w);
+    let (snap, txns) = stored_history(&w);
+    let replica = w.path("replica.db");
+    restore_at(&w, &replica, snap.txid);
+    let mut a = Applier::open(&replica, BUSY).unwrap();
+    a.set_applied_txid(snap.txid);
+    let mut txns = txns
+        .into_iter()
+        .filter(|t| t.txid > snap.txid)
+        .map(|t| Wire {
+            generation: 1,
+            header: TxnInfo {
+                txid: t.txid,
+                time_ms: 0,
+                db_pages: t.db_pages,
+                db_checksum: t.db_checksum,
+            },
+            pages: t.pages,
+        })
+        .peekable();
+    let (mut runs, mut merged, mut shrinks, mut last) = (0, 0, 0, 0);
+    while let Some(t) = txns.next() {
+        let mut run = vec![t];
+        if run[0].header.db_pages >= a.page_count() {
+            let mut bytes = run[0].data_len();
+            while let Some(t) =
+                txns.next_if(|t| joins_batch(&run[run.len() - 1], t, bytes, 1 << 20))
+            {
+                bytes += t.data_len();
+                run.push(t);
+            }
+        } else {
+            shrinks += 1;
+        }
+        let first = run[0].header.txid;
+        merged += run.len() - 1;
+        let t = Wire::merged(run).unwrap();
+        let h = t.header;
+        let sum = a
+            .apply_run(first, h.txid, h.db_pages, h.db_checksum, &t.pages)
+            .unwrap_or_else(|e| panic!("run {first:016x}..={:016x}: {e}", h.txid));
+        assert_eq!(sum, h.db_checksum);
+        assert_eq!(a.page_count(), h.db_pages);
+        last = h.db_checksum;
+        runs += 1;
+    }
+    eprintln!("{runs} runs, {merged} transactions merged into another, {shrinks} shrinking");
+    assert!(
+        merged > runs,
+        "runs were merged: {runs} runs, {merged} merged"
+    );
+    assert!(shrinks >= 1, "the VACUUM shrank the database");
+    // Reopened with the primary's page-1 stamp, the database reads back to the last checksum.
+    let stamp = a.stamp();
+    drop(a);
+    let b = Applier::open_with_stamp(&replica, BUSY, stamp).unwrap();
+    assert_eq!(b.checksum(), last);
+    drop(b);
+    assert_eq!(integrity(&replica), "ok");
+    assert_eq!(state(&replica), state(&w.db));
+}
+
+/// A history that grows the database (300 rows of 3,000 bytes in a new table), then shrinks it
+/// (VACUUM on the primary after deleting them and most items, while replited runs, between
+/// loads).
+fn grow_and_shrink(w: &World) {
     let d = w.start("pread");
     run_load(&w.db, 1, 300);
     let c = Connection::open(&w.db).unwrap();
@@ -245,24 +341,6 @@ fn growth_and_shrink() {
     drop(c);
     run_load(&w.db, 351, 400);
     d.stop();
-    let replica = w.path("replica.db");
-    let (counts, snap_pages) = replay(&w, &replica);
-    let peak = *counts.iter().max().unwrap();
-    let at = counts.iter().position(|&n| n == peak).unwrap();
-    let after = *counts[at..].iter().min().unwrap();
-    eprintln!(
-        "pages: snapshot {snap_pages}, peak {peak}, after VACUUM {after}, final {}",
-        counts.last().unwrap()
-    );
-    assert!(peak > 300, "grew from {snap_pages} to {peak}");
-    assert!(after * 5 < peak, "shrank from {peak} to {after}");
-    let r = Connection::open(&replica).unwrap();
-    let n: u32 = r.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
-    assert_eq!(n, *counts.last().unwrap());
-    let big: i64 = r
-        .query_row("SELECT count(*) FROM big", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(big, 0);
 }
 
 /// Reads a database's pages through sqlite_dbpage and hands out the difference since the

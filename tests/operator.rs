@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -46,24 +46,6 @@ fn families(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// The value of the first sample of `name` whose labels contain `label` (e.g. `db="data.db"`).
-fn sample(text: &str, name: &str, label: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            l.split(['{', ' ']).next() == Some(name) && (label.is_empty() || l.contains(label))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-fn get_ok(addr: &str, path: &str) -> String {
-    let (code, body) =
-        http_get(addr, path).unwrap_or_else(|| panic!("nothing answers at {addr}{path}"));
-    assert_eq!(code, 200, "{addr}{path}: {body}");
-    body
-}
-
 fn promtool_check_metrics(text: &str) {
     let mut c = Command::new(promtool())
         .args(["check", "metrics"])
@@ -80,12 +62,6 @@ fn promtool_check_metrics(text: &str) {
         String::from_utf8_lossy(&o.stdout),
         stderr(&o)
     );
-}
-
-/// Adds `[http]` (and more keys) to the top of a config file.
-fn with_http(cfg: &Path, addr: &str, extra: &str) {
-    let text = fs::read_to_string(cfg).unwrap();
-    fs::write(cfg, format!("[http]\naddr = \"{addr}\"\n{extra}\n{text}")).unwrap();
 }
 
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> Option<String>) -> String {

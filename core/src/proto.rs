@@ -11,6 +11,7 @@
 //! decoded message should go through [`validate`] before it is acted on (the
 //! state machines do this themselves).
 
+use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
@@ -119,6 +120,7 @@ pub struct Txn {
     pub header: TxnInfo,
     /// (page number, page data) with page numbers strictly increasing, each in
     /// 1..=db_pages, each data exactly one page long.
+    #[serde(with = "page_list")]
     pub pages: Vec<(u32, Vec<u8>)>,
 }
 
@@ -142,10 +144,49 @@ impl Txn {
         }
     }
 
+    /// One transaction with the effect of `batch` (consecutive transactions that
+    /// each [`joins_batch`] the one before; at least one): the newest copy of
+    /// every page they changed and the last one's header. None for an empty
+    /// batch.
+    pub fn merged(batch: Vec<Txn>) -> Option<Txn> {
+        let mut it = batch.into_iter();
+        let first = it.next()?;
+        let mut rest = it.peekable();
+        if rest.peek().is_none() {
+            return Some(first);
+        }
+        let generation = first.generation;
+        let mut header = first.header;
+        let mut pages: BTreeMap<u32, Vec<u8>> = first.pages.into_iter().collect();
+        for t in rest {
+            header = t.header;
+            pages.extend(t.pages);
+        }
+        Some(Txn {
+            generation,
+            header,
+            pages: pages.into_iter().collect(),
+        })
+    }
+
     /// Page bytes carried (the unit of the primary's flow-control window).
     pub fn data_len(&self) -> usize {
         self.pages.iter().map(|(_, d)| d.len()).sum()
     }
+}
+
+/// Whether transaction `next` may be applied in one database transaction
+/// with the transactions before it, the last of them `prev`, which carried
+/// `bytes` of page data together: it follows `prev` directly in the same
+/// generation, the database does not shrink (a shrink followed by growth would
+/// leave pages the transactions never wrote), and the page data stays within
+/// `limit`. Merging such a run (the newest copy of each page, the last
+/// header) gives the state after `next`, which its checksum then verifies.
+pub fn joins_batch(prev: &Txn, next: &Txn, bytes: usize, limit: usize) -> bool {
+    next.generation == prev.generation
+        && prev.header.txid.checked_add(1) == Some(next.header.txid)
+        && next.header.db_pages >= prev.header.db_pages
+        && bytes.saturating_add(next.data_len()) <= limit
 }
 
 /// Serde for `Option<Pos>` without deriving on [`Pos`].
@@ -160,6 +201,24 @@ mod opt_pos {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pos>, D::Error> {
         let p: Option<(u64, u64)> = Deserialize::deserialize(d)?;
         Ok(p.map(|(generation, txid)| Pos { generation, txid }))
+    }
+}
+
+/// Serde for a list of (page number, page bytes): each page as one byte string (postcard: its
+/// length and the bytes), which is what a `Vec<u8>` is on the wire too, but read and written in
+/// one copy rather than one call per byte.
+mod page_list {
+    use alloc::vec::Vec;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    pub fn serialize<S: Serializer>(pages: &[(u32, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(pages.iter().map(|(n, d)| (n, Bytes::new(d))))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(u32, Vec<u8>)>, D::Error> {
+        let v: Vec<(u32, ByteBuf)> = Deserialize::deserialize(d)?;
+        Ok(v.into_iter().map(|(n, b)| (n, b.into_vec())).collect())
     }
 }
 
@@ -228,6 +287,7 @@ pub enum Message {
     /// increasing across the whole snapshot, from 1 to db_pages, none missing).
     SnapshotPages {
         /// (page number, data).
+        #[serde(with = "page_list")]
         pages: Vec<(u32, Vec<u8>)>,
     },
     /// Primary → replica: the snapshot is complete; transactions after it follow.
@@ -261,6 +321,7 @@ pub enum Message {
         /// Its txid.
         txid: u64,
         /// (page number, data).
+        #[serde(with = "page_list")]
         pages: Vec<(u32, Vec<u8>)>,
     },
 }
@@ -750,4 +811,54 @@ pub fn validate(msg: &Message, page_size: Option<u32>) -> Result<(), ProtoError>
         | Message::Heartbeat { .. } => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages written as byte strings are the same bytes on the wire as the plain
+    /// `Vec<(u32, Vec<u8>)>` of earlier versions, so either side may be older.
+    #[test]
+    fn page_lists_keep_their_wire_form() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Plain {
+            generation: u64,
+            header: TxnInfo,
+            pages: Vec<(u32, Vec<u8>)>,
+        }
+        let pages: Vec<(u32, Vec<u8>)> = (1..=3u32)
+            .map(|n| (n * 7, (0..300u32).map(|i| (i * n) as u8).collect()))
+            .collect();
+        let header = TxnInfo {
+            txid: 42,
+            time_ms: 1_700_000_000_000,
+            db_pages: 21,
+            db_checksum: 0xdead_beef_0123_4567,
+        };
+        let plain = Plain {
+            generation: 3,
+            header,
+            pages: pages.clone(),
+        };
+        let txn = Txn {
+            generation: 3,
+            header,
+            pages: pages.clone(),
+        };
+        let ours = postcard::to_allocvec(&txn).unwrap();
+        assert_eq!(ours, postcard::to_allocvec(&plain).unwrap());
+        assert_eq!(postcard::from_bytes::<Txn>(&ours).unwrap(), txn);
+        assert_eq!(postcard::from_bytes::<Plain>(&ours).unwrap(), plain);
+        let part = Message::TxnPart {
+            generation: 3,
+            txid: 42,
+            pages: pages.clone(),
+        };
+        let snap = Message::SnapshotPages { pages };
+        for m in [part, snap] {
+            let b = postcard::to_allocvec(&m).unwrap();
+            assert_eq!(postcard::from_bytes::<Message>(&b).unwrap(), m);
+        }
+    }
 }

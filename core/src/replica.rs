@@ -26,7 +26,8 @@ use core::fmt;
 
 use crate::pos::Pos;
 use crate::proto::{
-    encode_frame, validate, validate_pages, ErrorCode, Message, ProtoError, Txn, PROTOCOL_VERSION,
+    encode_frame, joins_batch, validate, validate_pages, ErrorCode, Message, ProtoError, Txn,
+    PROTOCOL_VERSION,
 };
 
 /// Tunables of a replica.
@@ -808,6 +809,35 @@ impl Replica {
             if txid >= target {
                 self.state = ReplicaState::Streaming;
             }
+        }
+    }
+
+    /// Several transactions the daemon applied at once (taken with
+    /// [`Replica::poll_next_txn`]) up to `txid`, its database checksum now
+    /// `db_checksum`: the state after `txid` is the one checked, the ones
+    /// before it were never a state of the replica's database.
+    pub fn handle_applied_through(&mut self, now_ms: u64, txid: u64, db_checksum: u64) {
+        if self.pending.iter().any(|p| p.pos.txid == txid) {
+            while self.pending.front().is_some_and(|p| p.pos.txid < txid) {
+                self.pending.pop_front();
+            }
+        }
+        self.handle_applied(now_ms, txid, db_checksum)
+    }
+
+    /// The next event when it is a transaction that may be applied in one
+    /// database transaction with `prev` (the last one taken): see
+    /// [`joins_batch`]; `bytes` is the page data taken so far and `limit` the
+    /// most to take. Confirm with [`Replica::handle_applied_through`].
+    pub fn poll_next_txn(&mut self, prev: &Txn, bytes: usize, limit: usize) -> Option<Txn> {
+        match self.events.front() {
+            Some(ReplicaEvent::Apply { txn }) if joins_batch(prev, txn, bytes, limit) => {
+                match self.events.pop_front() {
+                    Some(ReplicaEvent::Apply { txn }) => Some(txn),
+                    _ => None,
+                }
+            }
+            _ => None,
         }
     }
 

@@ -100,6 +100,10 @@ struct Cluster {
     /// Applies done but not yet confirmed to the state machine.
     unconfirmed: VecDeque<(u64, u64)>,
     async_apply: bool,
+    /// Apply the transactions already received as one, as a replica that is behind does.
+    batch_apply: bool,
+    /// The most transactions applied as one.
+    largest_batch: usize,
     // Network.
     to_primary: VecDeque<u8>,
     to_replica: VecDeque<u8>,
@@ -152,6 +156,8 @@ impl Cluster {
             r_dec: FrameDecoder::new(),
             unconfirmed: VecDeque::new(),
             async_apply: false,
+            batch_apply: false,
+            largest_batch: 0,
             to_primary: VecDeque::new(),
             to_replica: VecDeque::new(),
             drop_per_mille: 0,
@@ -334,23 +340,44 @@ impl Cluster {
 
     fn confirm(&mut self) {
         while let Some((txid, checksum)) = self.unconfirmed.pop_front() {
-            self.replica.handle_applied(self.now, txid, checksum);
+            if self.batch_apply {
+                self.replica
+                    .handle_applied_through(self.now, txid, checksum);
+            } else {
+                self.replica.handle_applied(self.now, txid, checksum);
+            }
         }
     }
 
     fn replica_event(&mut self, e: ReplicaEvent) -> bool {
         match e {
             ReplicaEvent::Apply { txn } => {
-                assert!(
-                    self.applied_log.last().is_none_or(
-                        |p| p.generation != txn.generation || p.txid + 1 == txn.header.txid
-                    ),
-                    "applied out of order or twice: {:?} after {:?}",
-                    txn.pos(),
-                    self.applied_log.last()
-                );
+                let mut batch = vec![txn];
+                // As the daemon does: a shrinking first transaction goes alone.
+                if self.batch_apply && batch[0].header.db_pages >= self.rdb.page_count() {
+                    let mut bytes = batch[0].data_len();
+                    while let Some(t) =
+                        self.replica
+                            .poll_next_txn(&batch[batch.len() - 1], bytes, 3 * PS as usize)
+                    {
+                        bytes += t.data_len();
+                        batch.push(t);
+                    }
+                }
+                self.largest_batch = self.largest_batch.max(batch.len());
+                for txn in &batch {
+                    assert!(
+                        self.applied_log.last().is_none_or(
+                            |p| p.generation != txn.generation || p.txid + 1 == txn.header.txid
+                        ),
+                        "applied out of order or twice: {:?} after {:?}",
+                        txn.pos(),
+                        self.applied_log.last()
+                    );
+                    self.applied_log.push(txn.pos());
+                }
+                let txn = Txn::merged(batch).unwrap();
                 self.rdb.apply(txn.header.db_pages, &txn.pages);
-                self.applied_log.push(txn.pos());
                 self.unconfirmed
                     .push_back((txn.header.txid, self.rdb.checksum()));
                 if !self.async_apply {
@@ -413,7 +440,8 @@ impl Cluster {
         if pipe.is_empty() {
             return;
         }
-        let n = (1 + self.rng.below(700) as usize).min(pipe.len());
+        let most = if self.batch_apply { 5000 } else { 700 };
+        let n = (1 + self.rng.below(most) as usize).min(pipe.len());
         let chunk: Vec<u8> = pipe.drain(..n).collect();
         if to_replica {
             self.r_dec.push(&chunk);
@@ -513,9 +541,11 @@ impl Cluster {
 
 #[test]
 fn random_runs_converge() {
+    let mut batched = 0;
     for seed in 1..=40u64 {
         let mut c = Cluster::new(seed * 0x9e37_79b9, DB);
         c.async_apply = seed % 2 == 0;
+        c.batch_apply = seed % 4 < 2;
         c.drop_per_mille = if seed % 3 == 0 { 0 } else { 5 };
         c.restore_via = match seed % 3 {
             0 => RestoreVia::Storage,
@@ -534,7 +564,11 @@ fn random_runs_converge() {
         // More commits after settling.
         c.drive(20);
         c.assert_equal();
+        if c.batch_apply {
+            batched = batched.max(c.largest_batch);
+        }
     }
+    assert!(batched > 1, "no run applied transactions as one");
 }
 
 #[test]

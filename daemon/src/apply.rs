@@ -325,9 +325,25 @@ impl Applier {
         db_checksum: u64,
         pages: &[(u32, Vec<u8>)],
     ) -> Result<u64, ApplyError> {
+        self.apply_run(txid, txid, db_pages, db_checksum, pages)
+    }
+
+    /// [`Applier::apply`] for the primary transactions `first_txid..=txid` merged into one
+    /// ([`replited_core::proto::Txn::merged`]), as a replica that is behind applies them.
+    pub fn apply_run(
+        &mut self,
+        first_txid: u64,
+        txid: u64,
+        db_pages: u32,
+        db_checksum: u64,
+        pages: &[(u32, Vec<u8>)],
+    ) -> Result<u64, ApplyError> {
         if let Some(applied) = self.applied {
-            if applied.checked_add(1) != Some(txid) {
-                return Err(ApplyError::OutOfOrder { txid, applied });
+            if applied.checked_add(1) != Some(first_txid) || first_txid > txid {
+                return Err(ApplyError::OutOfOrder {
+                    txid: first_txid,
+                    applied,
+                });
             }
         }
         if let Some(actual) = self.diverged {

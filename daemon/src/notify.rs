@@ -30,6 +30,8 @@ struct Stats {
     synced_ms: AtomicU64,
     /// Transactions made durable (primary) or applied (replica) since start.
     records: AtomicU64,
+    /// Replica: SQLite transactions committed to apply them (one may carry several).
+    commits: AtomicU64,
     errors: AtomicU64,
     lag_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -121,6 +123,7 @@ impl Health {
             let applied = stat(|s| s.records.load(Ordering::Relaxed));
             let synced = stat(|s| s.synced_ms.load(Ordering::Relaxed));
             let lag = stat(|s| s.lag_ms.load(Ordering::Relaxed));
+            let commits = stat(|s| s.commits.load(Ordering::Relaxed));
             let w = Arc::downgrade(self);
             gauge_fn(
                 "replited_up",
@@ -157,6 +160,12 @@ impl Health {
                     "How far this replica is behind its primary.",
                     &l,
                     move || lag().filter(|v| *v != NO_LAG).map(|v| v as f64 / 1000.0),
+                );
+                crate::metrics::counter_fn(
+                    "replited_replica_commits_total",
+                    "SQLite transactions committed to apply the primary's: fewer than records replicated when the replica caught up applying several as one.",
+                    &l,
+                    move || commits().map(|v| v as f64),
                 );
             }
         }
@@ -262,6 +271,15 @@ impl Health {
             s.records.fetch_add(records, Ordering::Relaxed);
             s.synced_ms
                 .store(crate::replicate::now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Replica worker `i` applied primary transactions up to `txid`, `records` of them, in one
+    /// SQLite transaction.
+    pub fn applied(&self, i: usize, generation: u64, txid: u64, records: u64) {
+        self.synced(i, generation, txid, records);
+        if let Some(s) = self.stats.get(i) {
+            s.commits.fetch_add(1, Ordering::Relaxed);
         }
     }
 

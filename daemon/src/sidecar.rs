@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use replited_core::hash::{page_hash, DbHashes};
 use replited_core::pos::Pos;
-use replited_core::proto::{ErrorCode, ProtoError, Txn};
+use replited_core::proto::{joins_batch, ErrorCode, ProtoError, Txn};
 use replited_core::replica::{Applied, Replica, ReplicaConfig, ReplicaEvent, ReplicaState};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -93,6 +93,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long the app gets to stop after SIGTERM before SIGKILL.
 const APP_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most page data a replica that is behind applies in one SQLite transaction (the
+/// transactions already received, merged: one commit, one lock, each page written once).
+const BATCH_BYTES: usize = 4 << 20;
 
 /// The client TLS of a replica's stream target, or why it is incomplete.
 pub fn client_tls(name: &str, p: &StreamParams) -> Result<ClientTls> {
@@ -705,7 +708,18 @@ impl Follower {
             let sleep = Duration::from_millis(wake.saturating_sub(now_ms()));
             tokio::select! {
                 m = fs.recv() => match m {
-                    Ok(Some(m)) => replica.handle_message(now_ms(), m),
+                    Ok(Some(m)) => {
+                        replica.handle_message(now_ms(), m);
+                        // What has arrived meanwhile is taken too (the primary's window bounds
+                        // it): a replica that is behind applies it in one transaction.
+                        loop {
+                            match fs.try_recv() {
+                                Ok(Some(m)) => replica.handle_message(now_ms(), m),
+                                Ok(None) => break,
+                                Err(e) => return Ok(End::Reconnect(e.to_string())),
+                            }
+                        }
+                    }
                     Ok(None) => return Ok(End::Reconnect("the primary closed the stream".into())),
                     Err(e) => return Ok(End::Reconnect(e.to_string())),
                 },
@@ -747,11 +761,24 @@ impl Follower {
         let db = self.db.display().to_string();
         match ev {
             ReplicaEvent::Apply { txn } => {
-                let txid = txn.header.txid;
-                match local.apply_txn(&txn)? {
+                let first = txn.header.txid;
+                let generation = txn.generation;
+                let mut batch = vec![txn];
+                if local.may_batch_from(&batch[0]) {
+                    let mut bytes = batch[0].data_len();
+                    while let Some(t) =
+                        replica.poll_next_txn(&batch[batch.len() - 1], bytes, BATCH_BYTES)
+                    {
+                        bytes += t.data_len();
+                        batch.push(t);
+                    }
+                }
+                let n = batch.len() as u64;
+                let txid = first + n - 1;
+                match local.apply_txns(batch)? {
                     Ok((ck, schema_changed)) => {
-                        replica.handle_applied(now_ms(), txid, ck);
-                        self.health.synced(self.index, txn.generation, txid, 1);
+                        replica.handle_applied_through(now_ms(), txid, ck);
+                        self.health.applied(self.index, generation, txid, n);
                         self.health.set_lag(self.index, replica.lag_ms(now_ms()));
                         if schema_changed {
                             tracing::info!(db = %db, txid, "the primary changed the schema");
@@ -761,7 +788,7 @@ impl Follower {
                     Err(e) => match e {
                         ApplyError::ChecksumMismatch { actual, .. } => {
                             tracing::error!(db = %db, "{e}");
-                            replica.handle_applied(now_ms(), txid, actual);
+                            replica.handle_applied_through(now_ms(), txid, actual);
                         }
                         ApplyError::LocalWrite { .. } => {
                             tracing::warn!(db = %db, "{e}");
@@ -772,7 +799,7 @@ impl Follower {
                         // an SQLite error the database is opened again (as at start-up, checked
                         // against the position file) rather than trusting that connection.
                         e => {
-                            replica.apply_failed(now_ms(), txid);
+                            replica.apply_failed(now_ms(), first);
                             if matches!(e, ApplyError::Sqlite { .. } | ApplyError::Reread { .. }) {
                                 local.applier = None;
                                 if let Err(re) = local.resume() {
@@ -885,11 +912,26 @@ impl Local {
         )
     }
 
-    /// Applies one primary transaction as one SQLite transaction. The position file names it
-    /// before the commit (and names the state before it again if it is refused), so after a
-    /// crash the database matches one of its two entries. Ok((checksum, the schema changed)),
-    /// or why it was refused; the outer error is the position file's.
-    fn apply_txn(&mut self, txn: &Txn) -> Result<Result<(u64, bool), ApplyError>> {
+    /// Whether transactions after `first` may be applied with it in one SQLite transaction:
+    /// not when `first` shrinks the database (see [`joins_batch`]).
+    fn may_batch_from(&self, first: &Txn) -> bool {
+        self.applier
+            .as_ref()
+            .is_some_and(|a| first.header.db_pages >= a.page_count())
+    }
+
+    /// Applies primary transactions — one, or a run that each [`joins_batch`] the one before
+    /// (a replica that is behind) — as one SQLite transaction: readers see the state after the
+    /// last. The position file names that state before the commit (and names the state before
+    /// it again if it is refused), so after a crash the database matches one of its two
+    /// entries. Ok((checksum, the schema changed)), or why it was refused; the outer error is
+    /// the position file's.
+    fn apply_txns(&mut self, batch: Vec<Txn>) -> Result<Result<(u64, bool), ApplyError>> {
+        let first = batch.first().map_or(0, |t| t.header.txid);
+        let Some(txn) = Txn::merged(batch) else {
+            bail!("no transaction to apply");
+        };
+        let txn = &txn;
         let txid = txn.header.txid;
         let Some(a) = self.applier.as_mut() else {
             bail!("transaction {txid} arrived with no database to apply it to");
@@ -910,7 +952,8 @@ impl Local {
             },
         };
         self.position.write(&after, Some(&before))?;
-        match a.apply(
+        match a.apply_run(
+            first,
             txid,
             txn.header.db_pages,
             txn.header.db_checksum,
@@ -1464,14 +1507,26 @@ impl BucketFollower {
                 });
                 return Ok(!newer);
             }
-            for t in txns {
-                let (ck, schema_changed) = local.apply_txn(&t)??;
+            let mut txns = txns.into_iter().peekable();
+            while let Some(t) = txns.next() {
+                let mut batch = vec![t];
+                if local.may_batch_from(&batch[0]) {
+                    let mut bytes = batch[0].data_len();
+                    while let Some(t) = txns
+                        .next_if(|t| joins_batch(&batch[batch.len() - 1], t, bytes, BATCH_BYTES))
+                    {
+                        bytes += t.data_len();
+                        batch.push(t);
+                    }
+                }
+                let n = batch.len() as u64;
+                let pos = batch[batch.len() - 1].pos();
+                let (ck, schema_changed) = local.apply_txns(batch)??;
                 *applied = Applied {
-                    pos: t.pos(),
+                    pos,
                     db_checksum: ck,
                 };
-                self.health
-                    .synced(self.index, applied.pos.generation, applied.pos.txid, 1);
+                self.health.applied(self.index, pos.generation, pos.txid, n);
                 if schema_changed {
                     let _ = self.sup.send(SupMsg::SchemaChanged);
                 }

@@ -14,9 +14,12 @@
 //!
 //! Every constructor that makes an endpoint must be called within a Tokio runtime.
 
+use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::{self, Poll, Waker};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
@@ -503,14 +506,8 @@ impl FramedStream {
     /// frames. Cancel-safe: bytes read are kept in the decoder if the future is dropped.
     pub async fn recv(&mut self) -> Result<Option<Message>, TransportError> {
         loop {
-            match self.decoder.poll() {
-                Ok(Some(m)) => return Ok(Some(m)),
-                Ok(None) => {}
-                Err(e) => {
-                    // Tell the peer to stop sending; the stream is done either way.
-                    let _ = self.recv.stop(VarInt::from_u32(PROTOCOL_ERROR_CODE));
-                    return Err(e.into());
-                }
+            if let Some(m) = self.decoded()? {
+                return Ok(Some(m));
             }
             if self.eof {
                 return match self.decoder.buffered() {
@@ -521,6 +518,41 @@ impl FramedStream {
             match self.recv.read_chunk(READ_CHUNK, true).await? {
                 Some(chunk) => self.decoder.push(&chunk.bytes),
                 None => self.eof = true,
+            }
+        }
+    }
+
+    /// The next message when it has arrived already (in what is buffered here or in quinn),
+    /// without waiting: Ok(None) when none has. The end of the stream is left for
+    /// [`FramedStream::recv`] to report.
+    pub fn try_recv(&mut self) -> Result<Option<Message>, TransportError> {
+        loop {
+            if let Some(m) = self.decoded()? {
+                return Ok(Some(m));
+            }
+            if self.eof {
+                return Ok(None);
+            }
+            // One poll with a waker that does nothing: quinn hands out what it holds or says
+            // Pending (read_chunk is cancel-safe; the next `recv` registers the real waker).
+            let mut cx = task::Context::from_waker(Waker::noop());
+            match pin!(self.recv.read_chunk(READ_CHUNK, true)).poll(&mut cx) {
+                Poll::Ready(Ok(Some(chunk))) => self.decoder.push(&chunk.bytes),
+                Poll::Ready(Ok(None)) => self.eof = true,
+                Poll::Ready(Err(e)) => return Err(e.into()),
+                Poll::Pending => return Ok(None),
+            }
+        }
+    }
+
+    /// A whole message from what is buffered, if there is one.
+    fn decoded(&mut self) -> Result<Option<Message>, TransportError> {
+        match self.decoder.poll() {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                // Tell the peer to stop sending; the stream is done either way.
+                let _ = self.recv.stop(VarInt::from_u32(PROTOCOL_ERROR_CODE));
+                Err(e.into())
             }
         }
     }

@@ -438,6 +438,30 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// The value of the first sample of `name` whose labels contain `label` (e.g. `db="data.db"`).
+pub fn sample(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.split(['{', ' ']).next() == Some(name) && (label.is_empty() || l.contains(label))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+pub fn get_ok(addr: &str, path: &str) -> String {
+    let (code, body) =
+        http_get(addr, path).unwrap_or_else(|| panic!("nothing answers at {addr}{path}"));
+    assert_eq!(code, 200, "{addr}{path}: {body}");
+    body
+}
+
+/// Adds `[http]` (and more keys) to the top of a config file.
+pub fn with_http(cfg: &Path, addr: &str, extra: &str) {
+    let text = fs::read_to_string(cfg).unwrap();
+    fs::write(cfg, format!("[http]\naddr = \"{addr}\"\n{extra}\n{text}")).unwrap();
+}
+
 /// Waits until the replica's (last txid, content hash) equals the primary's; the time it took.
 /// Panics with the daemons' logs after `limit`.
 pub fn wait_converged(

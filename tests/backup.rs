@@ -246,6 +246,48 @@ fn corrupted_backup_is_refused() {
     assert_eq!(state(&out), state(&w.db));
 }
 
+/// A database that is itself broken (its freelist count in page 1 made wrong through
+/// `sqlite_dbpage`: replited backs it up faithfully, every checksum right) is restored, found
+/// broken by SQLite's integrity check — run beside the new file's fsync — and not installed:
+/// `--force` over an existing file leaves that file as it was, and no temporary file behind.
+#[test]
+fn a_restore_failing_the_integrity_check_replaces_nothing() {
+    let w = World::new("");
+    let d = w.start("auto");
+    run_load(&w.db, 1, 200);
+    {
+        let c = rusqlite::Connection::open(&w.db).unwrap();
+        c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+        let mut p1: Vec<u8> = c
+            .query_row("SELECT data FROM sqlite_dbpage WHERE pgno = 1", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        p1[36..40].copy_from_slice(&7u32.to_be_bytes());
+        c.execute("UPDATE sqlite_dbpage SET data = ?1 WHERE pgno = 1", [&p1])
+            .unwrap();
+    }
+    assert_ne!(integrity(&w.db), "ok", "the freelist count is wrong now");
+    run_load(&w.db, 201, 210);
+    d.stop();
+    let out = w.path("out.db");
+    fs::write(&out, b"an older database, kept").unwrap();
+    let r = w.restore(&["-o", out.to_str().unwrap(), "--force"]);
+    assert!(!r.status.success(), "a broken database was installed");
+    let err = stderr(&r);
+    assert!(
+        err.contains("integrity check failed") && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&out).unwrap(), b"an older database, kept");
+    let leftovers: Vec<_> = fs::read_dir(w.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("replited-restore"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
 /// Restore's own refusals: nothing to restore, an unknown database, an existing output.
 #[test]
 fn restore_errors() {

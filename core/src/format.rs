@@ -574,11 +574,13 @@ impl Seq {
 
     /// For a snapshot, the running XOR including this page, checked against
     /// the stored database checksum when it is the last page.
-    fn check_page_data(&self, pgno: u32, data: &[u8]) -> Result<u64, FormatError> {
-        if self.header.kind != Kind::Snapshot {
+    /// A snapshot's running database checksum with this page (`hash`, its page hash), checked
+    /// against the transaction's at its last page.
+    fn check_page_data(&self, hash: Option<u64>) -> Result<u64, FormatError> {
+        let Some(hash) = hash else {
             return Ok(0);
-        }
-        let xor = self.xor ^ page_hash(pgno, data);
+        };
+        let xor = self.xor ^ hash;
         if self.remaining == 1 && xor != self.txn.db_checksum {
             return Err(FormatError::DbChecksumMismatch {
                 txid: self.txn.txid,
@@ -676,7 +678,9 @@ impl Encoder {
                 page_size,
             });
         }
-        let xor = self.seq.check_page_data(pgno, data);
+        let xor = self.seq.check_page_data(
+            (self.seq.header.kind == Kind::Snapshot).then(|| page_hash(pgno, data)),
+        );
         let stored: &[u8] = match (self.seq.header.compression, stored) {
             (Compression::None, _) => data,
             (Compression::Lz4, Some(s)) if !s.is_empty() && s.len() < data.len() => s,
@@ -759,6 +763,8 @@ pub struct Decoder {
     /// The last page record's lz4 payload when it was compressed, else empty (the payload is
     /// then `page` itself, not copied twice).
     stored: Vec<u8>,
+    /// The last page's [`page_hash`], when the decoder computed it (in a snapshot).
+    page_hash: Option<u64>,
     file_hash: Option<u64>,
 }
 
@@ -786,6 +792,7 @@ impl Decoder {
             hasher: Xxh3::new(),
             page: Vec::new(),
             stored: Vec::new(),
+            page_hash: None,
             file_hash: None,
         }
     }
@@ -898,7 +905,8 @@ impl Decoder {
                 _ => return Err(FormatError::Decompress { pgno }),
             }
         }
-        let xor = seq.check_page_data(pgno, &self.page)?;
+        self.page_hash = (seq.header.kind == Kind::Snapshot).then(|| page_hash(pgno, &self.page));
+        let xor = seq.check_page_data(self.page_hash)?;
         seq.accept_page(pgno, xor);
         self.hasher.update(&input[..total]);
         self.stored.clear();
@@ -914,6 +922,13 @@ impl Decoder {
     /// The data of the page of the last [`Event::Page`] (page size bytes).
     pub fn page(&self) -> &[u8] {
         &self.page
+    }
+
+    /// [`page_hash`] of the last [`Event::Page`]'s data when the decoder computed it to check a
+    /// snapshot's database checksum (None in segments): a caller that needs it too need not
+    /// hash the page again.
+    pub fn page_hash(&self) -> Option<u64> {
+        self.page_hash
     }
 
     /// The last [`Event::Page`]'s record payload as stored: lz4 of [`Decoder::page`] when

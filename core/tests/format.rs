@@ -120,7 +120,12 @@ fn decode(file: &[u8], step: usize) -> Result<Vec<Ev>, FormatError> {
                 evs.push(Ev::Header(h));
             }
             Some(Event::Txn(t)) => evs.push(Ev::Txn(t)),
-            Some(Event::Page(p)) => evs.push(Ev::Page(p, d.page().to_vec())),
+            Some(Event::Page(p)) => {
+                // A snapshot's page hash is handed out as computed (restores reuse it).
+                let snapshot = d.header().is_some_and(|h| h.kind == Kind::Snapshot);
+                assert_eq!(d.page_hash(), snapshot.then(|| page_hash(p, d.page())));
+                evs.push(Ev::Page(p, d.page().to_vec()))
+            }
             Some(Event::End) => evs.push(Ev::End),
             None => {
                 assert_eq!(n, 0);

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use replited_core::format::{Event, TxnHeader};
+use replited_core::format::{Decoder, Event, TxnHeader};
 use replited_core::hash::{page_hash, DbHashes};
 use replited_core::name::FileMeta;
 use replited_core::plan::{plan_restore, PlanError, RestorePlan, Target};
@@ -332,16 +332,14 @@ fn apply_plan(
     plan: &RestorePlan,
 ) -> Result<(TxnHeader, u32)> {
     let snap = &files[plan.snapshot];
-    decode_file(src, snap, |ev, dec| {
-        st.event(ev, dec.page(), u64::MAX, None)
-    })
-    .context("applying the snapshot")?;
+    decode_file(src, snap, |ev, dec| st.event(ev, dec, u64::MAX, None))
+        .context("applying the snapshot")?;
     st.end_txn()
         .map_err(|e| anyhow!("{}: {e}", src.locate(snap)))?;
     for &i in &plan.segments {
         let m = &files[i];
         decode_file(src, m, |ev, dec| {
-            st.event(ev, dec.page(), plan.last_txid, plan.stop_time_ms)
+            st.event(ev, dec, plan.last_txid, plan.stop_time_ms)
         })
         .context("applying a segment")?;
         st.end_txn()
@@ -436,7 +434,7 @@ impl Apply {
     fn event(
         &mut self,
         ev: &Event,
-        page: &[u8],
+        dec: &Decoder,
         stop_txid: u64,
         stop_time: Option<u64>,
     ) -> Result<bool> {
@@ -471,7 +469,10 @@ impl Apply {
                 if self.applying {
                     let hs = self.hashes.as_mut().expect("header first");
                     let at = (*pgno as u64 - 1) * hs.page_size() as u64;
-                    hs.set(*pgno, page_hash(*pgno, page));
+                    let page = dec.page();
+                    // A snapshot's pages were hashed by the decoder already.
+                    let hash = dec.page_hash().unwrap_or_else(|| page_hash(*pgno, page));
+                    hs.set(*pgno, hash);
                     if self.run_at + self.run.len() as u64 != at || self.run.len() >= RUN_BYTES {
                         self.write_run()?;
                         self.run_at = at;

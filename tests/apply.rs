@@ -629,3 +629,48 @@ fn long_read_transaction() {
     eprintln!("replica WAL: {wal} bytes");
     assert_eq!(state(&replica), state(&w.db));
 }
+
+/// History read back for a replica (`read_history_in`) stops at its byte budget in whole
+/// transactions, even inside a file holding many more (compaction's merged segments are large):
+/// what it keeps in memory is bounded by the budget, not by the file. Unbounded, it returns
+/// every later transaction.
+#[test]
+fn history_reads_stop_at_their_budget() {
+    use replited::server::read_history_in;
+    use replited_core::format::Kind;
+    use replited_core::pos::Pos;
+    let w = World::new("sync-interval = \"300ms\"\ncompaction-interval = \"1h\"");
+    let d = w.start("pread");
+    run_load(&w.db, 1, 600);
+    d.stop();
+    let storage = FsStorage::new(&w.backup, "data.db");
+    let files = storage.list().unwrap();
+    let big = *files
+        .iter()
+        .filter(|m| m.kind == Kind::Segment)
+        .max_by_key(|m| m.last_txid - m.first_txid)
+        .unwrap();
+    let held = (big.last_txid - big.first_txid + 1) as usize;
+    assert!(held >= 10, "the largest segment holds {held} transactions");
+    let after = Pos {
+        generation: big.generation,
+        txid: big.first_txid - 1,
+    };
+    let budget = 4096;
+    let got = read_history_in(&storage, &files, after, budget).unwrap();
+    assert!(!got.is_empty());
+    for (i, t) in got.iter().enumerate() {
+        assert_eq!(t.header.txid, big.first_txid + i as u64);
+    }
+    let bytes: usize = got.iter().map(|t| t.data_len()).sum();
+    let last = got.last().unwrap().data_len();
+    assert!(
+        bytes - last < budget && got.len() < held,
+        "{} transactions, {bytes} bytes for a budget of {budget} (the file holds {held})",
+        got.len()
+    );
+    let all = read_history_in(&storage, &files, after, usize::MAX).unwrap();
+    let newest = files.iter().map(|m| m.last_txid).max().unwrap();
+    assert_eq!(all.len() as u64, newest - big.first_txid + 1);
+    assert_eq!(all.last().unwrap().header.txid, newest);
+}

@@ -25,6 +25,12 @@ use crate::proto::{
     PROTOCOL_VERSION,
 };
 
+/// Bytes of frames [`PrimarySession::poll_transmit`] hands out per call, past
+/// which it stops before the next transaction (one is always whole): the buffers
+/// between the session and the transport stay this small instead of growing to
+/// the whole window.
+pub const TRANSMIT_CHUNK: usize = 1 << 20;
+
 /// Per-message overhead counted in the flow-control window besides page data.
 const TXN_OVERHEAD: usize = 64;
 
@@ -576,9 +582,13 @@ impl PrimarySession {
     }
 
     /// Appends the frames to send to `out` (queued transactions as far as the
-    /// flow-control window allows); true when there were any.
+    /// flow-control window allows, about [`TRANSMIT_CHUNK`] bytes at a time:
+    /// call again until it returns false); true when there were any.
     pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> bool {
         while let Some(t) = self.queue.front() {
+            if self.out.len() >= TRANSMIT_CHUNK {
+                break;
+            }
             let bytes = t.data_len() + TXN_OVERHEAD;
             if self.in_flight_bytes > 0
                 && self.in_flight_bytes + bytes > self.cfg.max_in_flight_bytes
@@ -609,7 +619,11 @@ impl PrimarySession {
         if self.out.is_empty() {
             return false;
         }
-        out.append(&mut self.out);
+        if out.is_empty() {
+            core::mem::swap(out, &mut self.out);
+        } else {
+            out.append(&mut self.out);
+        }
         true
     }
 

@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, VecDeque};
 use common::Rng;
 use replited_core::hash::{page_hash, DbHashes};
 use replited_core::pos::Pos;
-use replited_core::primary::{PrimaryConfig, PrimaryEvent, PrimarySession, PrimaryState};
+use replited_core::primary::{
+    PrimaryConfig, PrimaryEvent, PrimarySession, PrimaryState, TRANSMIT_CHUNK,
+};
 use replited_core::proto::*;
 use replited_core::replica::{
     Applied, RebuildReason, Replica, ReplicaConfig, ReplicaEvent, ReplicaState,
@@ -1042,6 +1044,74 @@ fn heartbeat_when_idle() {
         }]
     );
     assert_eq!(r.poll_timeout(), Some(2_000));
+}
+
+/// `poll_transmit` hands out about `TRANSMIT_CHUNK` bytes per call (whole transactions), so the
+/// buffers between the session and the transport stay small; called until it says false, it
+/// sends everything the window allows, in order.
+#[test]
+fn transmit_comes_in_chunks() {
+    let ps = 4096u32;
+    let mut s = PrimarySession::new(DB, ps);
+    s.set_position(1, 1, 0);
+    let mut r = Replica::new(
+        ReplicaConfig::new(DB),
+        Some(Applied {
+            pos: Pos {
+                generation: 1,
+                txid: 1,
+            },
+            db_checksum: 0,
+        }),
+        0,
+    );
+    let mut wire = Vec::new();
+    r.poll_transmit(&mut wire);
+    for m in decode_all(&wire) {
+        s.handle_message(0, m);
+    }
+    // 1,000 transactions of 3 pages (12 KiB): 12 MiB, more than the 8 MiB window.
+    for txid in 2..=1001u64 {
+        let pages = (1..=3u32)
+            .map(|p| (p, vec![(txid % 251) as u8; ps as usize]))
+            .collect();
+        s.push_txn(Txn {
+            generation: 1,
+            header: TxnInfo {
+                txid,
+                time_ms: 0,
+                db_pages: 3,
+                db_checksum: txid,
+            },
+            pages,
+        });
+    }
+    let mut calls = 0;
+    let mut next = 2u64;
+    let mut out = Vec::new();
+    while s.poll_transmit(&mut out) {
+        calls += 1;
+        assert!(
+            out.len() < TRANSMIT_CHUNK + 3 * ps as usize + 1024,
+            "{} bytes in one call",
+            out.len()
+        );
+        for m in decode_all(&out) {
+            if let Message::Txn(t) = m {
+                assert_eq!(t.header.txid, next);
+                next += 1;
+            }
+        }
+        out.clear();
+    }
+    let window = PrimaryConfig::default().max_in_flight_bytes;
+    assert!(calls >= window / TRANSMIT_CHUNK, "{calls} calls");
+    assert!(s.in_flight_bytes() <= window);
+    assert!(
+        s.in_flight_bytes() + 3 * ps as usize + 64 > window,
+        "the window was filled"
+    );
+    assert!(next > 600, "sent up to {next}");
 }
 
 #[test]

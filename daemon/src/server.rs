@@ -399,10 +399,20 @@ pub fn read_history_in(
         };
         let mut cur: Option<Txn> = None;
         let mut done: Vec<Txn> = Vec::new();
+        // Whole transactions up to the budget, not the whole file (a merged one can be large):
+        // past it the rest of the file is still read and checked, not kept.
+        let budget = max_bytes - bytes;
+        let mut taken = 0usize;
         decode_file(storage, m, |ev, dec| {
             match ev {
                 Event::Txn(h) => {
-                    done.extend(cur.take());
+                    if let Some(t) = cur.take() {
+                        taken += t.data_len();
+                        done.push(t);
+                    }
+                    if taken >= budget {
+                        return Ok(false);
+                    }
                     if h.txid >= next {
                         cur = Some(Txn {
                             generation: after.generation,
@@ -747,8 +757,9 @@ async fn session_loop(
             }
         }
         buf.clear();
-        if s.poll_transmit(buf) {
+        while s.poll_transmit(buf) {
             fs.send_frames(buf).await?;
+            buf.clear();
         }
         if s.is_closed() {
             let _ = fs.finish();

@@ -17,12 +17,13 @@
 use alloc::collections::VecDeque;
 use alloc::format;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::pos::Pos;
 use crate::proto::{
-    encode_frame, validate, validate_pages, ErrorCode, Message, ProtoError, Txn, MAX_MESSAGE_DATA,
-    PROTOCOL_VERSION,
+    encode_frame, encode_txn_frame, validate, validate_pages, ErrorCode, Message, ProtoError, Txn,
+    MAX_MESSAGE_DATA, PROTOCOL_VERSION,
 };
 
 /// Bytes of frames [`PrimarySession::poll_transmit`] hands out per call, past
@@ -154,7 +155,7 @@ pub struct PrimarySession {
     state: PrimaryState,
     /// Current position and checksum.
     position: Option<(Pos, u64)>,
-    queue: VecDeque<Txn>,
+    queue: VecDeque<Arc<Txn>>,
     in_flight: VecDeque<InFlight>,
     in_flight_bytes: usize,
     last_sent_txid: u64,
@@ -301,6 +302,12 @@ impl PrimarySession {
     /// another generation, leaves a gap (the session will ask for the missing
     /// ones with NeedTxns) or the session is not streaming.
     pub fn push_txn(&mut self, txn: Txn) -> bool {
+        self.push_shared(Arc::new(txn))
+    }
+
+    /// [`PrimarySession::push_txn`] for a transaction the daemon shares (a hub of recent
+    /// ones): queued without copying its pages.
+    pub fn push_shared(&mut self, txn: Arc<Txn>) -> bool {
         if self
             .position
             .is_none_or(|(p, _)| p.generation == txn.generation && p.txid < txn.header.txid)
@@ -629,7 +636,13 @@ impl PrimarySession {
 
     /// Sends one transaction: as `TxnPart`s of at most [`MAX_MESSAGE_DATA`]
     /// bytes of pages, then its `Txn`, when it is larger than that.
-    fn send_txn(&mut self, mut t: Txn) -> Result<(), ProtoError> {
+    fn send_txn(&mut self, t: Arc<Txn>) -> Result<(), ProtoError> {
+        if t.data_len() <= MAX_MESSAGE_DATA {
+            encode_txn_frame(&t, &mut self.out)?;
+            self.last_sent_ms = self.now_ms;
+            return Ok(());
+        }
+        let mut t = Arc::unwrap_or_clone(t);
         while t.data_len() > MAX_MESSAGE_DATA {
             let mut n = 0;
             let mut bytes = 0;

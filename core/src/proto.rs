@@ -533,6 +533,26 @@ impl fmt::Display for ProtoError {
 /// Fails (leaving `out` as it was) only when the encoded message exceeds
 /// [`MAX_FRAME_LEN`].
 pub fn encode_frame(msg: &Message, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+    encode_frame_of(msg, out)
+}
+
+/// Appends one frame holding `Message::Txn` of `t` to `out` without copying the transaction
+/// into a message first (the same bytes as [`encode_frame`] of `Message::Txn(t.clone())`).
+pub fn encode_txn_frame(t: &Txn, out: &mut Vec<u8>) -> Result<(), ProtoError> {
+    /// `Message::Txn` by reference: its variant index is its place in [`Message`].
+    struct TxnMessage<'a>(&'a Txn);
+    impl Serialize for TxnMessage<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_newtype_variant("Message", TXN_VARIANT, "Txn", self.0)
+        }
+    }
+    encode_frame_of(&TxnMessage(t), out)
+}
+
+/// The index of `Message::Txn` among [`Message`]'s variants.
+const TXN_VARIANT: u32 = 9;
+
+fn encode_frame_of<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), ProtoError> {
     struct Ext<'a>(&'a mut Vec<u8>);
     impl Extend<u8> for Ext<'_> {
         fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
@@ -846,6 +866,11 @@ mod tests {
             header,
             pages: pages.clone(),
         };
+        // A transaction framed by reference is the frame of its message.
+        let (mut by_ref, mut owned) = (Vec::new(), Vec::new());
+        encode_txn_frame(&txn, &mut by_ref).unwrap();
+        encode_frame(&Message::Txn(txn.clone()), &mut owned).unwrap();
+        assert_eq!(by_ref, owned);
         let ours = postcard::to_allocvec(&txn).unwrap();
         assert_eq!(ours, postcard::to_allocvec(&plain).unwrap());
         assert_eq!(postcard::from_bytes::<Txn>(&ours).unwrap(), txn);

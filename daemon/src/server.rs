@@ -727,7 +727,7 @@ async fn session_loop(
                     match found {
                         Ok(txns) => {
                             for t in txns {
-                                s.push_txn((*t).clone());
+                                s.push_shared(t);
                             }
                         }
                         Err(History::Unavailable(why)) => {

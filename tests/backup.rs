@@ -233,12 +233,7 @@ fn corrupted_backup_is_refused() {
         let name = victim.file_name().unwrap().to_str().unwrap();
         assert!(err.contains(name), "the error does not name {name}: {err}");
         assert!(!out.exists(), "restore left {} behind", out.display());
-        let leftovers: Vec<_> = fs::read_dir(w.dir.path())
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().contains("replited-restore"))
-            .collect();
-        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        assert_no_restore_leftovers(&w);
     }
     let out = w.path("good.db");
     let r = w.restore(&["-o", out.to_str().unwrap()]);
@@ -280,6 +275,11 @@ fn a_restore_failing_the_integrity_check_replaces_nothing() {
         "{err}"
     );
     assert_eq!(fs::read(&out).unwrap(), b"an older database, kept");
+    assert_no_restore_leftovers(&w);
+}
+
+/// No temporary file of a restore is left beside the output.
+fn assert_no_restore_leftovers(w: &World) {
     let leftovers: Vec<_> = fs::read_dir(w.dir.path())
         .unwrap()
         .flatten()

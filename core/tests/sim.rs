@@ -896,6 +896,30 @@ fn protocol_violations_fail() {
     assert!(s.is_closed());
 }
 
+/// A session at txid 1 that took the Hello of a replica at txid 1 (streaming now), and that
+/// replica; pages of `page_size` bytes.
+fn connected(page_size: u32) -> (PrimarySession, Replica) {
+    let mut s = PrimarySession::new(DB, page_size);
+    s.set_position(1, 1, 0);
+    let mut r = Replica::new(
+        ReplicaConfig::new(DB),
+        Some(Applied {
+            pos: Pos {
+                generation: 1,
+                txid: 1,
+            },
+            db_checksum: 0,
+        }),
+        0,
+    );
+    let mut wire = Vec::new();
+    r.poll_transmit(&mut wire);
+    for m in decode_all(&wire) {
+        s.handle_message(0, m);
+    }
+    (s, r)
+}
+
 fn streaming_replica(txid: u64, primary_txid: u64) -> Replica {
     let mut r = Replica::new(
         ReplicaConfig::new(DB),
@@ -1052,24 +1076,7 @@ fn heartbeat_when_idle() {
 #[test]
 fn transmit_comes_in_chunks() {
     let ps = 4096u32;
-    let mut s = PrimarySession::new(DB, ps);
-    s.set_position(1, 1, 0);
-    let mut r = Replica::new(
-        ReplicaConfig::new(DB),
-        Some(Applied {
-            pos: Pos {
-                generation: 1,
-                txid: 1,
-            },
-            db_checksum: 0,
-        }),
-        0,
-    );
-    let mut wire = Vec::new();
-    r.poll_transmit(&mut wire);
-    for m in decode_all(&wire) {
-        s.handle_message(0, m);
-    }
+    let (mut s, _) = connected(ps);
     // 1,000 transactions of 3 pages (12 KiB): 12 MiB, more than the 8 MiB window.
     for txid in 2..=1001u64 {
         let pages = (1..=3u32)
@@ -1117,24 +1124,8 @@ fn transmit_comes_in_chunks() {
 #[test]
 fn transaction_larger_than_a_frame_arrives_whole() {
     let big = 65536u32;
-    let mut s = PrimarySession::new(DB, big);
-    s.set_position(1, 1, 0);
-    let mut r = Replica::new(
-        ReplicaConfig::new(DB),
-        Some(Applied {
-            pos: Pos {
-                generation: 1,
-                txid: 1,
-            },
-            db_checksum: 0,
-        }),
-        0,
-    );
+    let (mut s, mut r) = connected(big);
     let mut wire = Vec::new();
-    r.poll_transmit(&mut wire);
-    for m in decode_all(&wire) {
-        s.handle_message(0, m);
-    }
     // 600 pages of 64 KiB: 37.5 MiB, more than two frames.
     let pages: Vec<(u32, Vec<u8>)> = (1..=600)
         .map(|p| (p, vec![(p % 251) as u8; big as usize]))

@@ -763,16 +763,9 @@ impl Follower {
             ReplicaEvent::Apply { txn } => {
                 let first = txn.header.txid;
                 let generation = txn.generation;
-                let mut batch = vec![txn];
-                if local.may_batch_from(&batch[0]) {
-                    let mut bytes = batch[0].data_len();
-                    while let Some(t) =
-                        replica.poll_next_txn(&batch[batch.len() - 1], bytes, BATCH_BYTES)
-                    {
-                        bytes += t.data_len();
-                        batch.push(t);
-                    }
-                }
+                let batch = local.run_from(txn, |prev, bytes| {
+                    replica.poll_next_txn(prev, bytes, BATCH_BYTES)
+                });
                 let n = batch.len() as u64;
                 let txid = first + n - 1;
                 match local.apply_txns(batch)? {
@@ -912,12 +905,24 @@ impl Local {
         )
     }
 
-    /// Whether transactions after `first` may be applied with it in one SQLite transaction:
-    /// not when `first` shrinks the database (see [`joins_batch`]).
-    fn may_batch_from(&self, first: &Txn) -> bool {
-        self.applier
+    /// `first` and the transactions `next` hands out after it — given the last one taken and
+    /// the page bytes taken so far, it returns one that [`joins_batch`] — to be applied as one
+    /// SQLite transaction. `first` goes alone when it shrinks the database (see
+    /// [`joins_batch`]).
+    fn run_from(&self, first: Txn, mut next: impl FnMut(&Txn, usize) -> Option<Txn>) -> Vec<Txn> {
+        let alone = self
+            .applier
             .as_ref()
-            .is_some_and(|a| first.header.db_pages >= a.page_count())
+            .is_none_or(|a| first.header.db_pages < a.page_count());
+        let mut bytes = first.data_len();
+        let mut run = vec![first];
+        if !alone {
+            while let Some(t) = next(&run[run.len() - 1], bytes) {
+                bytes += t.data_len();
+                run.push(t);
+            }
+        }
+        run
     }
 
     /// Applies primary transactions — one, or a run that each [`joins_batch`] the one before
@@ -1509,16 +1514,9 @@ impl BucketFollower {
             }
             let mut txns = txns.into_iter().peekable();
             while let Some(t) = txns.next() {
-                let mut batch = vec![t];
-                if local.may_batch_from(&batch[0]) {
-                    let mut bytes = batch[0].data_len();
-                    while let Some(t) = txns
-                        .next_if(|t| joins_batch(&batch[batch.len() - 1], t, bytes, BATCH_BYTES))
-                    {
-                        bytes += t.data_len();
-                        batch.push(t);
-                    }
-                }
+                let batch = local.run_from(t, |prev, bytes| {
+                    txns.next_if(|t| joins_batch(prev, t, bytes, BATCH_BYTES))
+                });
                 let n = batch.len() as u64;
                 let pos = batch[batch.len() - 1].pos();
                 let (ck, schema_changed) = local.apply_txns(batch)??;

@@ -319,7 +319,7 @@ fn hostile_peers_leave_the_primary_bounded_and_the_replica_streaming() {
                 };
                 let body = body.clone();
                 tasks.push(tokio::spawn(async move {
-                    HostileClient::exchange(&conn, &body, false, Duration::from_secs(20)).await
+                    HostileClient::exchange(&conn, &body, false, Duration::from_secs(60)).await
                 }));
             }
             let mut outcomes = std::collections::BTreeMap::new();

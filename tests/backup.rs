@@ -455,7 +455,18 @@ fn two_targets_stay_equal() {
 /// included, so the guard must move promptly — or the app's writers see "database is locked".
 #[test]
 fn app_truncate_checkpoint_completes_while_running() {
-    let w = World::new("");
+    app_truncate_checkpoint_completes("");
+}
+
+/// The same with transactions batched for a second: the WAL's writes are left for the batch's
+/// deadline, and the guard still moves in time.
+#[test]
+fn app_truncate_checkpoint_completes_while_batching() {
+    app_truncate_checkpoint_completes("sync-interval = \"1s\"");
+}
+
+fn app_truncate_checkpoint_completes(extra: &str) {
+    let w = World::new(extra);
     let d = w.start("auto");
     for round in 0..3 {
         run_load(&w.db, round * 300 + 1, round * 300 + 300);
@@ -478,4 +489,44 @@ fn app_truncate_checkpoint_completes_while_running() {
     let r = w.restore(&["-o", out.to_str().unwrap()]);
     assert!(r.status.success(), "{}", stderr(&r));
     assert_eq!(state(&out), expect(900));
+}
+
+/// With `sync-interval = "1s"` a steady load does not wake capture once per commit: the WAL's
+/// writes wait for the batch's deadline and are captured together (counted as the capture
+/// thread's voluntary context switches: each wait that ends is one). Every transaction still
+/// reaches the backup.
+#[test]
+fn batched_capture_wakes_once_per_deadline_not_per_commit() {
+    let w = World::new("sync-interval = \"1s\"");
+    let d = w.start("auto");
+    let pid = d.child.id();
+    let thread = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .find(|t| fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("capture")))
+        .expect("a capture thread")
+        .path();
+    let switches = || {
+        let status = fs::read_to_string(thread.join("status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("voluntary_ctxt_switches")
+    };
+    let before = switches();
+    run_load(&w.db, 1, 1);
+    let load = spawn_load(&w.db, 2, 1501, &["--rate", "500"]);
+    wait_ok(load);
+    let waits = switches() - before;
+    eprintln!("capture thread: {waits} waits for 1,500 commits");
+    assert!(
+        waits < 300,
+        "capture woke {waits} times for 1,500 commits batched for a second"
+    );
+    d.stop();
+    let out = w.path("restored.db");
+    let r = w.restore(&["-o", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_eq!(state(&out), expect(1501));
 }

@@ -413,6 +413,12 @@ pub struct Replicator {
     /// `published_end`), and that published end: the loop looks again every few milliseconds
     /// for a while instead of waiting for inotify (publishing writes only `-shm`).
     unpublished: Option<(u64, Instant)>,
+    /// WAL writes were noticed and left for the batch's deadline: until this instant the loop
+    /// does not wait on inotify (see `defer_wal_writes`).
+    deferred_until: Option<Instant>,
+    /// Only the WAL's own writes woke this step: the WAL at its path is still the file open
+    /// (replacing it makes directory events), so capture need not look it up again.
+    wal_writes_woke: bool,
     /// The `-shm` file, read for the wal-index header. Opened once and never closed while the
     /// connections live: closing any descriptor of it would drop SQLite's POSIX locks on it.
     /// Declared last so that it is dropped after them.
@@ -508,6 +514,8 @@ impl Replicator {
             buf: Vec::new(),
             out: Vec::new(),
             unpublished: None,
+            deferred_until: None,
+            wal_writes_woke: false,
             shm: None,
             cfg,
         })
@@ -775,30 +783,47 @@ impl Replicator {
             }
             self.report();
             self.figures();
+            // Deferred WAL writes are due: capture them now, whatever else arrived.
+            let due = self.deferred_until.is_some_and(|t| Instant::now() >= t);
+            if due {
+                self.deferred_until = None;
+            }
             let timeout = self.next_deadline();
             let fds_ready;
+            let mut reload_ready = false;
             {
                 let inotify = self.inotify.as_ref().expect("set above");
                 let reload = self.reload.clone();
-                let mut fds = vec![
-                    PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(shutdown.fd(), PollFlags::POLLIN),
-                ];
+                let mut fds = vec![PollFd::new(shutdown.fd(), PollFlags::POLLIN)];
                 if let Some(r) = &reload {
                     fds.push(PollFd::new(r.read.as_fd(), PollFlags::POLLIN));
+                }
+                if self.deferred_until.is_none() {
+                    fds.push(PollFd::new(inotify.as_fd(), PollFlags::POLLIN));
                 }
                 let ms = timeout.as_millis().min(u16::MAX as u128) as u16;
                 fds_ready = match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
                     Ok(n) => n,
-                    Err(nix::errno::Errno::EINTR) => 1,
+                    Err(nix::errno::Errno::EINTR) => {
+                        reload_ready = true;
+                        1
+                    }
                     Err(e) => return Err(e.into()),
                 };
+                if reload.is_some() {
+                    reload_ready |= fds[1].revents().is_some_and(|r| !r.is_empty());
+                }
             }
             // A bounded drain: under a steady load events keep arriving, and capture reads to
             // the end of the WAL whatever woke it. Events for the WAL itself carry no name; the
             // directory's do, and only the WAL's creation or removal matters.
             let mut woke = fds_ready == 0;
-            if let Some((cfg, answer)) = self.reload.as_ref().and_then(|r| r.take()) {
+            if let Some((cfg, answer)) = self
+                .reload
+                .as_ref()
+                .filter(|_| reload_ready)
+                .and_then(|r| r.take())
+            {
                 let r = self.reconfigure(cfg);
                 match &r {
                     Ok(what) => tracing::info!("configuration reloaded: {what}"),
@@ -807,9 +832,14 @@ impl Replicator {
                     ),
                 }
                 let _ = answer.send(r.map_err(|e| format!("{e:#}")));
+                // A new sync interval applies from now: stop leaving WAL writes for later.
+                self.deferred_until = None;
                 woke = true;
             }
             let inotify = self.inotify.as_ref().expect("set above");
+            // Whether only the WAL's own writes woke the loop (nothing else it must act on).
+            let mut wal_writes_only = fds_ready > 0 && !woke;
+            let mut wal_writes = false;
             for _ in 0..DRAIN_READS {
                 match inotify.read_events() {
                     Ok(events) if !events.is_empty() => {
@@ -818,6 +848,11 @@ impl Replicator {
                                 self.db_modified = true;
                                 woke = true;
                             }
+                            let wal_write = e.name.is_none()
+                                && Some(e.wd) != self.db_watch
+                                && e.mask.contains(AddWatchFlags::IN_MODIFY);
+                            wal_writes |= wal_write;
+                            wal_writes_only &= wal_write;
                         }
                         woke |= events.iter().any(|e| match &e.name {
                             None => Some(e.wd) != self.db_watch,
@@ -826,6 +861,9 @@ impl Replicator {
                     }
                     _ => break,
                 }
+            }
+            if !due && wal_writes && wal_writes_only && self.defer_wal_writes() {
+                continue;
             }
             if !woke
                 && self.batch_since.is_none()
@@ -836,7 +874,10 @@ impl Replicator {
                 continue;
             }
             last_step = Instant::now();
-            if let Err(e) = self.step() {
+            self.wal_writes_woke = wal_writes && wal_writes_only;
+            let r = self.step();
+            self.wal_writes_woke = false;
+            if let Err(e) = r {
                 self.fail(e);
             }
         }
@@ -887,9 +928,32 @@ impl Replicator {
         }
     }
 
+    /// With a `sync-interval` above zero, transactions wait for their batch's deadline
+    /// anyway: the WAL's writes that woke the loop are left until then (at most a second, so
+    /// the WAL's creation or removal and checkpoints are still seen promptly), and the loop
+    /// stops waking on each of them. It then captures everything written meanwhile at once —
+    /// one wake-up per deadline instead of one per commit. False (capture now) with `0s`, or
+    /// while capture is not steady.
+    fn defer_wal_writes(&mut self) -> bool {
+        if self.cfg.sync_interval.is_zero()
+            || self.retry_at.is_some()
+            || self.needs_establish
+            || self.scanner.is_none()
+        {
+            return false;
+        }
+        let now = Instant::now();
+        let since = *self.batch_since.get_or_insert(now);
+        self.deferred_until = Some((since + self.cfg.sync_interval).min(now + IDLE_STEP));
+        true
+    }
+
     fn next_deadline(&self) -> Duration {
         let now = Instant::now();
         let mut d = Duration::from_secs(1);
+        if let Some(at) = self.deferred_until {
+            d = d.min(at.saturating_duration_since(now));
+        }
         if let Some(at) = self.retry_at {
             d = d.min(at.saturating_duration_since(now));
         }
@@ -919,7 +983,7 @@ impl Replicator {
         if self.shm.is_none() {
             let mut p = self.db_path.clone().into_os_string();
             p.push("-shm");
-            self.shm = std::fs::File::open(PathBuf::from(p)).ok();
+            self.shm = walfile::open_noatime(&PathBuf::from(p)).ok();
         }
         let shm = self.shm.as_ref()?;
         let mut b = [0u8; 96];
@@ -1074,14 +1138,19 @@ impl Replicator {
         // A commit's frames are written a moment before SQLite publishes them (after its fsync
         // with synchronous=FULL): look again a few times before leaving it to the next poll.
         let mut published = self.published_end(&h);
+        let mut waiting = self.note_unpublished(published)?;
         for _ in 0..PUBLISH_SPINS {
-            if !self.note_unpublished(published)? {
+            if !waiting {
                 break;
             }
             std::thread::sleep(Duration::from_micros(50));
             published = self.published_end(&h);
+            waiting = self.note_unpublished(published)?;
         }
-        self.note_unpublished(published)?;
+        if published.is_some_and(|p| p > 0) {
+            // Everything up to the published end is this WAL's: read it whole.
+            chunk = READ_FRAMES;
+        }
         loop {
             let Some(sc) = self.scanner.as_ref() else {
                 return Ok(());
@@ -1089,7 +1158,9 @@ impl Replicator {
             let flen = sc.frame_len();
             let off = sc.next_offset();
             let w = self.wal.as_mut().expect("a scanner implies an open WAL");
-            let end = published.map_or(w.len, |p| p.max(sc.committed().offset).min(w.len));
+            // The published end bounds the reads (a read past the file's end comes back
+            // short); the length known from the last look only without a wal-index.
+            let end = published.map_or(w.len, |p| p.max(sc.committed().offset));
             let avail = end.saturating_sub(off) as usize / flen;
             if avail == 0 {
                 break;
@@ -1134,7 +1205,10 @@ impl Replicator {
 
     /// Reads every new committed transaction into the batch.
     fn capture(&mut self) -> Result<()> {
-        self.refresh_wal()?;
+        // Without a wal-index to bound reads, the WAL's length must be current.
+        if !self.wal_writes_woke || self.wal.is_none() || self.shm.is_none() {
+            self.refresh_wal()?;
+        }
         let header = self.read_wal_header()?;
         match (&self.scanner, header) {
             (_, None) => {
@@ -1191,12 +1265,10 @@ impl Replicator {
         };
         let (h, at) = (*sc.header(), p.max(sc.committed().offset));
         let mut fh = [0u8; FRAME_HEADER_LEN];
-        let waiting = w.len >= at + h.frame_len() as u64
-            && w.file.read_at(&mut fh, at)? == FRAME_HEADER_LEN
-            && {
-                let f = FrameHeader::decode(&fh);
-                (f.salt1, f.salt2) == (h.salt1, h.salt2)
-            };
+        let waiting = w.file.read_at(&mut fh, at)? == FRAME_HEADER_LEN && {
+            let f = FrameHeader::decode(&fh);
+            (f.salt1, f.salt2) == (h.salt1, h.salt2)
+        };
         if !waiting {
             self.unpublished = None;
         } else if self.unpublished.is_none_or(|(end, _)| end != at) {
@@ -1305,6 +1377,8 @@ impl Replicator {
     /// Writes the batch as one segment to every target, durably.
     fn write_batch(&mut self) -> Result<()> {
         if self.batch.is_empty() {
+            // Deferred WAL writes that held no commit opened no batch.
+            self.batch_since = None;
             return Ok(());
         }
         let started = Instant::now();

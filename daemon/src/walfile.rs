@@ -91,8 +91,23 @@ pub trait WalFile: Send {
 /// Opens `path` with the chosen backend.
 pub fn open(backend: Resolved, path: &Path) -> io::Result<Box<dyn WalFile>> {
     match backend {
-        Resolved::Pread => Ok(Box::new(PreadFile(File::open(path)?))),
+        Resolved::Pread => Ok(Box::new(PreadFile(open_noatime(path)?))),
         Resolved::Uring => Ok(Box::new(UringFile::open(path)?)),
+    }
+}
+
+/// Opens `path` for reading without updating its access time where the kernel allows it (the
+/// file's owner or CAP_FOWNER): the WAL and `-shm` are read after every commit and modified
+/// between reads, so with `relatime` each read would otherwise dirty the inode again.
+pub fn open_noatime(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => File::open(path),
+        r => r,
     }
 }
 
@@ -144,7 +159,7 @@ impl UringFile {
     fn open(path: &Path) -> io::Result<UringFile> {
         Ok(UringFile {
             ring: io_uring::IoUring::new(RING_ENTRIES)?,
-            file: File::open(path)?,
+            file: open_noatime(path)?,
         })
     }
 

@@ -807,7 +807,7 @@ impl Decoder {
         match self.state {
             State::Header => self.decode_header(input),
             State::Txn => self.decode_txn_or_trailer(input),
-            State::Page => self.decode_page(input),
+            State::Page => self.decode_page(input, None),
             State::Done => {
                 if input.is_empty() {
                     Ok((0, None))
@@ -871,7 +871,50 @@ impl Decoder {
         Ok((TXN_HEADER_LEN, Some(Event::Txn(t))))
     }
 
-    fn decode_page(&mut self, input: &[u8]) -> Result<(usize, Option<Event>), FormatError> {
+    /// The page number of the next item when it is a page record held whole in `input` (with
+    /// a length within the page size): the caller may then have its data decoded into a buffer
+    /// of its own with [`Decoder::decode_page_into`]. None otherwise ([`Decoder::decode`]
+    /// takes it from there, errors included).
+    pub fn next_page(&self, input: &[u8]) -> Option<u32> {
+        let seq = self.seq.as_ref()?;
+        if self.state != State::Page || input.len() < PAGE_RECORD_HEADER_LEN {
+            return None;
+        }
+        let len = be32(input, PR_LEN);
+        if len == 0
+            || len > seq.header.page_size
+            || input.len() < PAGE_RECORD_HEADER_LEN + len as usize
+        {
+            return None;
+        }
+        Some(be32(input, PR_PGNO))
+    }
+
+    /// Decodes the page record [`Decoder::next_page`] announced, its data written into `dest`
+    /// (page-size bytes) instead of the decoder's own buffer: one copy less for a caller that
+    /// gathers pages (a restore's runs of pages to write). Checks everything
+    /// [`Decoder::decode`] does; [`Decoder::page`] and [`Decoder::stored`] do not hold this
+    /// page ([`Decoder::page_hash`] does, in a snapshot). On an error `dest` may be partly
+    /// written and the decoder is unchanged.
+    ///
+    /// # Panics
+    /// If `dest` is not one page long.
+    pub fn decode_page_into(
+        &mut self,
+        input: &[u8],
+        dest: &mut [u8],
+    ) -> Result<(usize, Option<Event>), FormatError> {
+        match self.state {
+            State::Page => self.decode_page(input, Some(dest)),
+            _ => self.decode(input),
+        }
+    }
+
+    fn decode_page(
+        &mut self,
+        input: &[u8],
+        dest: Option<&mut [u8]>,
+    ) -> Result<(usize, Option<Event>), FormatError> {
         let Some(seq) = self.seq.as_mut() else {
             return Err(FormatError::Truncated);
         };
@@ -897,20 +940,29 @@ impl Decoder {
             return Ok((0, None));
         }
         let data = &input[PAGE_RECORD_HEADER_LEN..total];
+        let own = dest.is_none();
+        let page: &mut [u8] = match dest {
+            Some(d) => {
+                assert_eq!(d.len(), page_size as usize, "a page-size buffer");
+                d
+            }
+            None => &mut self.page,
+        };
         if len == page_size {
-            self.page.copy_from_slice(data);
+            page.copy_from_slice(data);
         } else {
-            match lz4_flex::block::decompress_into(data, &mut self.page) {
+            match lz4_flex::block::decompress_into(data, page) {
                 Ok(n) if n == page_size as usize => {}
                 _ => return Err(FormatError::Decompress { pgno }),
             }
         }
-        self.page_hash = (seq.header.kind == Kind::Snapshot).then(|| page_hash(pgno, &self.page));
-        let xor = seq.check_page_data(self.page_hash)?;
+        let hash = (seq.header.kind == Kind::Snapshot).then(|| page_hash(pgno, page));
+        let xor = seq.check_page_data(hash)?;
         seq.accept_page(pgno, xor);
+        self.page_hash = hash;
         self.hasher.update(&input[..total]);
         self.stored.clear();
-        if len < page_size {
+        if len < page_size && own {
             self.stored.extend_from_slice(data);
         }
         if seq.remaining == 0 {

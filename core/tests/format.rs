@@ -104,14 +104,37 @@ enum Ev {
 }
 
 /// Decodes a whole file, feeding `step` more bytes each time the decoder
-/// needs more (usize::MAX: everything at once).
+/// needs more (usize::MAX: everything at once). Decodes it twice: with page
+/// data in the decoder's buffer, and into buffers of the caller's
+/// (`next_page`/`decode_page_into`); both must give the same events or error.
 fn decode(file: &[u8], step: usize) -> Result<Vec<Ev>, FormatError> {
+    let own = decode_with(file, step, false);
+    assert_eq!(
+        decode_with(file, step, true),
+        own,
+        "decoded into the caller's buffers"
+    );
+    own
+}
+
+fn decode_with(file: &[u8], step: usize, into: bool) -> Result<Vec<Ev>, FormatError> {
     let mut d = Decoder::new();
     let mut evs = Vec::new();
     let mut pos = 0;
     let mut avail = step.min(file.len());
+    let mut placed = Vec::new();
     loop {
-        let (n, ev) = d.decode(&file[pos..avail])?;
+        let input = &file[pos..avail];
+        let (n, ev) = match d.next_page(input).filter(|_| into) {
+            Some(_) => {
+                placed = vec![0xa5; d.header().unwrap().page_size as usize];
+                d.decode_page_into(input, &mut placed)?
+            }
+            None => {
+                placed.clear();
+                d.decode(input)?
+            }
+        };
         pos += n;
         match ev {
             Some(Event::Header(h)) => {
@@ -121,10 +144,15 @@ fn decode(file: &[u8], step: usize) -> Result<Vec<Ev>, FormatError> {
             }
             Some(Event::Txn(t)) => evs.push(Ev::Txn(t)),
             Some(Event::Page(p)) => {
+                let data = if placed.is_empty() {
+                    d.page()
+                } else {
+                    &placed[..]
+                };
                 // A snapshot's page hash is handed out as computed (restores reuse it).
                 let snapshot = d.header().is_some_and(|h| h.kind == Kind::Snapshot);
-                assert_eq!(d.page_hash(), snapshot.then(|| page_hash(p, d.page())));
-                evs.push(Ev::Page(p, d.page().to_vec()))
+                assert_eq!(d.page_hash(), snapshot.then(|| page_hash(p, data)));
+                evs.push(Ev::Page(p, data.to_vec()))
             }
             Some(Event::End) => evs.push(Ev::End),
             None => {

@@ -15,19 +15,51 @@ use crate::storage::Storage;
 pub fn decode_file(
     storage: &dyn Storage,
     meta: &FileMeta,
-    mut f: impl FnMut(&Event, &Decoder) -> Result<bool>,
+    f: impl FnMut(&Event, &Decoder) -> Result<bool>,
 ) -> Result<()> {
+    struct Calls<F>(F);
+    impl<F: FnMut(&Event, &Decoder) -> Result<bool>> Reading for Calls<F> {
+        fn event(&mut self, ev: &Event, dec: &Decoder) -> Result<bool> {
+            (self.0)(ev, dec)
+        }
+    }
+    decode_file_into(storage, meta, &mut Calls(f))
+}
+
+/// What reads a stored file's events, and may take page data into buffers of its own.
+pub trait Reading {
+    /// A page-size buffer to decode page `pgno` (of the transaction last announced) into, or
+    /// None to have it in `Decoder::page` as usual. Asked once per page, just before its
+    /// `Event::Page`; the buffer then holds the page's data.
+    fn place(&mut self, _pgno: u32) -> Result<Option<&mut [u8]>> {
+        Ok(None)
+    }
+    /// Every event, as `decode_file`'s `f`.
+    fn event(&mut self, ev: &Event, dec: &Decoder) -> Result<bool>;
+}
+
+/// [`decode_file`] for a [`Reading`], which may place pages itself.
+pub fn decode_file_into(storage: &dyn Storage, meta: &FileMeta, r: &mut dyn Reading) -> Result<()> {
     let loc = storage.locate(meta);
     let mut input = storage.open(meta)?;
     let mut dec = Decoder::new();
-    let mut buf: Vec<u8> = Vec::with_capacity(1 << 20);
-    let mut start = 0usize;
+    // Read buffer: `buf[start..filled]` is read and not yet decoded. Sized once (zeroed once)
+    // and refilled in place: the unread tail moves to the front, then a read fills the rest.
+    let mut buf: Vec<u8> = vec![0; READ_BUF];
+    let (mut start, mut filled) = (0usize, 0usize);
     let mut eof = false;
     let mut calling = true;
     loop {
-        let (used, ev) = dec
-            .decode(&buf[start..])
-            .map_err(|e| gone_or(storage, meta, anyhow!("{loc}: {e}")))?;
+        let avail = &buf[start..filled];
+        let place = match dec.next_page(avail) {
+            Some(pgno) if calling => r.place(pgno).with_context(|| loc.clone())?,
+            _ => None,
+        };
+        let (used, ev) = match place {
+            Some(dest) => dec.decode_page_into(avail, dest),
+            None => dec.decode(avail),
+        }
+        .map_err(|e| gone_or(storage, meta, anyhow!("{loc}: {e}")))?;
         start += used;
         match ev {
             Some(ev) => {
@@ -38,7 +70,7 @@ pub fn decode_file(
                 }
                 let end = matches!(ev, Event::End);
                 if calling {
-                    calling = f(&ev, &dec).with_context(|| loc.clone())?;
+                    calling = r.event(&ev, &dec).with_context(|| loc.clone())?;
                 }
                 if end {
                     break;
@@ -53,14 +85,16 @@ pub fn decode_file(
                     return Err(gone_or(storage, meta, e));
                 }
                 // Refill: keep the unread tail, read at least one more item.
-                buf.drain(..start);
+                buf.copy_within(start..filled, 0);
+                filled -= start;
                 start = 0;
-                let want = dec.max_item_len().max(FILE_HEADER_LEN).max(1 << 16);
-                let old = buf.len();
-                buf.resize(old + want, 0);
-                let n = read_some(&mut input, &mut buf[old..])
+                let want = dec.max_item_len().max(FILE_HEADER_LEN);
+                if buf.len() < filled + want {
+                    buf.resize(filled + want, 0);
+                }
+                let n = read_some(&mut input, &mut buf[filled..])
                     .with_context(|| format!("reading {loc}"))?;
-                buf.truncate(old + n);
+                filled += n;
                 if n == 0 {
                     eof = true;
                 }
@@ -69,7 +103,7 @@ pub fn decode_file(
     }
     // Nothing may follow the trailer.
     let mut extra = [0u8; 1];
-    if start < buf.len() || read_some(&mut input, &mut extra)? > 0 {
+    if start < filled || read_some(&mut input, &mut extra)? > 0 {
         bail!("{loc}: unexpected bytes after the trailer");
     }
     Ok(())
@@ -87,6 +121,9 @@ fn gone_or(storage: &dyn Storage, meta: &FileMeta, e: anyhow::Error) -> anyhow::
         _ => e,
     }
 }
+
+/// Bytes read from a stored file at once (at most).
+const READ_BUF: usize = 1 << 20;
 
 fn read_some(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut done = 0;

@@ -14,7 +14,7 @@ use replited_core::hash::{page_hash, DbHashes};
 use replited_core::name::FileMeta;
 use replited_core::plan::{plan_restore, PlanError, RestorePlan, Target};
 
-use crate::reader::decode_file;
+use crate::reader::{decode_file_into, Reading};
 use crate::sqlite;
 use crate::storage::{parent_dir, sync_dir, Storage};
 
@@ -296,8 +296,10 @@ fn build(
         cur: None,
         applying: false,
         last: None,
-        run: Vec::with_capacity(RUN_BYTES),
+        run: vec![0; RUN_CAP],
+        run_len: 0,
         run_at: 0,
+        placed: false,
     };
     let applied = apply_plan(&mut st, src, files, plan);
     // The writer ends when its queue is dropped; a failed write is what stopped the decoding.
@@ -332,15 +334,17 @@ fn apply_plan(
     plan: &RestorePlan,
 ) -> Result<(TxnHeader, u32)> {
     let snap = &files[plan.snapshot];
-    decode_file(src, snap, |ev, dec| st.event(ev, dec, u64::MAX, None))
+    decode_file_into(src, snap, &mut ApplyFile(st, u64::MAX, None))
         .context("applying the snapshot")?;
     st.end_txn()
         .map_err(|e| anyhow!("{}: {e}", src.locate(snap)))?;
     for &i in &plan.segments {
         let m = &files[i];
-        decode_file(src, m, |ev, dec| {
-            st.event(ev, dec, plan.last_txid, plan.stop_time_ms)
-        })
+        decode_file_into(
+            src,
+            m,
+            &mut ApplyFile(st, plan.last_txid, plan.stop_time_ms),
+        )
         .context("applying a segment")?;
         st.end_txn()
             .map_err(|e| anyhow!("{}: {e}", src.locate(m)))?;
@@ -350,6 +354,24 @@ fn apply_plan(
         .last
         .ok_or_else(|| anyhow!("the snapshot held no transaction"))?;
     Ok((last, st.hashes.as_ref().map_or(0, |h| h.page_size())))
+}
+
+/// One file of the plan applied up to a txid and a time: pages of the transactions applied are
+/// decoded straight into the run to write.
+struct ApplyFile<'a>(&'a mut Apply, u64, Option<u64>);
+
+impl Reading for ApplyFile<'_> {
+    fn place(&mut self, pgno: u32) -> Result<Option<&mut [u8]>> {
+        if !self.0.applying {
+            return Ok(None);
+        }
+        self.0.placed = true;
+        self.0.room(pgno).map(Some)
+    }
+
+    fn event(&mut self, ev: &Event, dec: &Decoder) -> Result<bool> {
+        self.0.event(ev, dec, self.1, self.2)
+    }
 }
 
 /// What the restore's writer thread does, in order.
@@ -400,29 +422,47 @@ struct Apply {
     /// target: they are still decoded, so the whole file is checked).
     applying: bool,
     last: Option<TxnHeader>,
-    /// Pages waiting to be written: a run of consecutive pages starting at `run_at` (bytes).
+    /// Pages waiting to be written: a run of consecutive pages, `run[..run_len]`, starting at
+    /// `run_at` (bytes). The buffer is `RUN_CAP` long: pages are decoded straight into it.
     run: Vec<u8>,
+    run_len: usize,
     run_at: u64,
+    /// The page of the current `Event::Page` was decoded into the run (by `place`).
+    placed: bool,
 }
 
 /// Bytes of consecutive pages gathered into one write.
 const RUN_BYTES: usize = 1 << 20;
+/// A run's buffer: room for one more page of the largest size past `RUN_BYTES`.
+const RUN_CAP: usize = RUN_BYTES + 65536;
 
 impl Apply {
     /// Hands the gathered run of pages to the writer.
     fn write_run(&mut self) -> Result<()> {
-        if !self.run.is_empty() {
-            let next = match self.spare.try_recv() {
-                Ok(mut b) => {
-                    b.clear();
-                    b
-                }
-                Err(_) => Vec::with_capacity(RUN_BYTES),
-            };
-            let run = std::mem::replace(&mut self.run, next);
+        if self.run_len > 0 {
+            // A buffer back from the writer was cut to its run's length: only the rest is
+            // zeroed again.
+            let mut next = self.spare.try_recv().unwrap_or_default();
+            next.resize(RUN_CAP, 0);
+            let mut run = std::mem::replace(&mut self.run, next);
+            run.truncate(std::mem::take(&mut self.run_len));
             self.send(WriteOp::Pages(run, self.run_at))?;
         }
         Ok(())
+    }
+
+    /// Room in the run for page `pgno` (the run is written first when the page does not
+    /// follow it or it is full).
+    fn room(&mut self, pgno: u32) -> Result<&mut [u8]> {
+        let ps = self.hashes.as_ref().expect("header first").page_size() as usize;
+        let at = (pgno as u64 - 1) * ps as u64;
+        if self.run_at + self.run_len as u64 != at || self.run_len >= RUN_BYTES {
+            self.write_run()?;
+            self.run_at = at;
+        }
+        let from = self.run_len;
+        self.run_len += ps;
+        Ok(&mut self.run[from..from + ps])
     }
 
     fn send(&self, op: WriteOp) -> Result<()> {
@@ -467,17 +507,14 @@ impl Apply {
             }
             Event::Page(pgno) => {
                 if self.applying {
-                    let hs = self.hashes.as_mut().expect("header first");
-                    let at = (*pgno as u64 - 1) * hs.page_size() as u64;
-                    let page = dec.page();
+                    if !std::mem::take(&mut self.placed) {
+                        self.room(*pgno)?.copy_from_slice(dec.page());
+                    }
+                    let ps = dec.page().len();
+                    let page = &self.run[self.run_len - ps..self.run_len];
                     // A snapshot's pages were hashed by the decoder already.
                     let hash = dec.page_hash().unwrap_or_else(|| page_hash(*pgno, page));
-                    hs.set(*pgno, hash);
-                    if self.run_at + self.run.len() as u64 != at || self.run.len() >= RUN_BYTES {
-                        self.write_run()?;
-                        self.run_at = at;
-                    }
-                    self.run.extend_from_slice(page);
+                    self.hashes.as_mut().expect("header first").set(*pgno, hash);
                 }
             }
             Event::End => {}

@@ -416,6 +416,10 @@ pub struct Replicator {
     /// WAL writes were noticed and left for the batch's deadline: until this instant the loop
     /// does not wait on inotify (see `defer_wal_writes`).
     deferred_until: Option<Instant>,
+    /// Pages captured so far (all time) and when the last deferral began with that many: the
+    /// rate the WAL grows at, to end the next deferral before the WAL reaches a checkpoint.
+    pages_seen: u64,
+    defer_sample: Option<(u64, Instant)>,
     /// Only the WAL's own writes woke this step: the WAL at its path is still the file open
     /// (replacing it makes directory events), so capture need not look it up again.
     wal_writes_woke: bool,
@@ -439,6 +443,9 @@ const MAX_LEVEL: u32 = 4;
 const MERGE_AT: usize = 8;
 /// The most files one merge reads.
 const MERGE_MAX: usize = 256;
+/// How long WAL writes are left for later when the WAL's rate of growth is not known (see
+/// `defer_wal_writes`).
+const DEFER_PROBE: Duration = Duration::from_millis(20);
 /// The periodic work runs at least this often, whatever wakes the loop.
 const IDLE_STEP: Duration = Duration::from_secs(1);
 /// inotify reads per wake-up (each returns up to 4 KiB of events).
@@ -515,6 +522,8 @@ impl Replicator {
             out: Vec::new(),
             unpublished: None,
             deferred_until: None,
+            pages_seen: 0,
+            defer_sample: None,
             wal_writes_woke: false,
             shm: None,
             cfg,
@@ -929,11 +938,15 @@ impl Replicator {
     }
 
     /// With a `sync-interval` above zero, transactions wait for their batch's deadline
-    /// anyway: the WAL's writes that woke the loop are left until then (at most a second, so
-    /// the WAL's creation or removal and checkpoints are still seen promptly), and the loop
-    /// stops waking on each of them. It then captures everything written meanwhile at once —
-    /// one wake-up per deadline instead of one per commit. False (capture now) with `0s`, or
-    /// while capture is not steady.
+    /// anyway: the WAL's writes that woke the loop are left until then, and the loop stops
+    /// waking on each of them; it then captures everything written meanwhile at once. The wait
+    /// also ends when the WAL is due to reach `min-checkpoint-page-count` at the rate it grew
+    /// lately (the checkpoint makes the batch durable early and keeps the WAL and the batch
+    /// short, as when each commit is captured), after `DEFER_PROBE` when that rate is unknown
+    /// or stale, and after a second at most (the WAL's creation or removal and the app's
+    /// checkpoints are seen then). False (capture now) with `0s`, while capture is not steady,
+    /// and while a checkpoint is due within `DEFER_PROBE` (it needs a moment between two
+    /// commits to take SQLite's write lock: each commit's wake-up gives it one).
     fn defer_wal_writes(&mut self) -> bool {
         if self.cfg.sync_interval.is_zero()
             || self.retry_at.is_some()
@@ -944,7 +957,27 @@ impl Replicator {
         }
         let now = Instant::now();
         let since = *self.batch_since.get_or_insert(now);
-        self.deferred_until = Some((since + self.cfg.sync_interval).min(now + IDLE_STEP));
+        let mut wait = IDLE_STEP.min(self.cfg.sync_interval);
+        match self.defer_sample {
+            Some((seen, at)) if now.duration_since(at) <= IDLE_STEP + IDLE_STEP => {
+                let rate = (self.pages_seen - seen) as f64 / now.duration_since(at).as_secs_f64();
+                let in_wal = self.scanner.as_ref().map_or(0, |s| s.frames_committed());
+                let left = self.cfg.min_checkpoint_page_count.saturating_sub(in_wal) as f64;
+                if rate > 0.0 {
+                    let due = Duration::from_secs_f64(left / rate);
+                    if due < DEFER_PROBE {
+                        // A checkpoint is due (or waits for a moment between commits to take
+                        // the write lock): capture each commit as it comes, as with `0s`.
+                        // The sample stays, so the rate is measured over a longer span.
+                        return false;
+                    }
+                    wait = wait.min(due);
+                }
+            }
+            _ => wait = wait.min(DEFER_PROBE),
+        }
+        self.defer_sample = Some((self.pages_seen, now));
+        self.deferred_until = Some((since + self.cfg.sync_interval).min(now + wait));
         true
     }
 
@@ -1291,6 +1324,7 @@ impl Replicator {
 
     fn add_txn(&mut self, mut txn: WalTxn) {
         txn.pages.retain(|p| p.pgno <= txn.db_pages);
+        self.pages_seen += txn.pages.len() as u64;
         for p in &txn.pages {
             self.hashes.set(p.pgno, p.hash);
         }

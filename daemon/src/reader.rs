@@ -43,9 +43,12 @@ pub fn decode_file_into(storage: &dyn Storage, meta: &FileMeta, r: &mut dyn Read
     let loc = storage.locate(meta);
     let mut input = storage.open(meta)?;
     let mut dec = Decoder::new();
-    // Read buffer: `buf[start..filled]` is read and not yet decoded. Sized once (zeroed once)
-    // and refilled in place: the unread tail moves to the front, then a read fills the rest.
-    let mut buf: Vec<u8> = vec![0; READ_BUF];
+    // Read buffer: `buf[start..filled]` is read and not yet decoded. Refilled in place: the
+    // unread tail moves to the front, then a read fills the rest. It starts at 64 KiB (most
+    // stored files are small) and grows to `READ_BUF` once a file needs a second read; zeroed
+    // only when it grows.
+    let mut buf: Vec<u8> = vec![0; 1 << 16];
+    let mut refills = 0;
     let (mut start, mut filled) = (0usize, 0usize);
     let mut eof = false;
     let mut calling = true;
@@ -89,8 +92,10 @@ pub fn decode_file_into(storage: &dyn Storage, meta: &FileMeta, r: &mut dyn Read
                 filled -= start;
                 start = 0;
                 let want = dec.max_item_len().max(FILE_HEADER_LEN);
-                if buf.len() < filled + want {
-                    buf.resize(filled + want, 0);
+                refills += 1;
+                let size = if refills > 1 { READ_BUF } else { buf.len() };
+                if buf.len() < size.max(filled + want) {
+                    buf.resize(size.max(filled + want), 0);
                 }
                 let n = read_some(&mut input, &mut buf[filled..])
                     .with_context(|| format!("reading {loc}"))?;

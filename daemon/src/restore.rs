@@ -272,9 +272,9 @@ fn build(
                 let mut span: Option<(u64, u64)> = None;
                 for op in ops {
                     match op {
-                        WriteOp::Pages(buf, at) => {
-                            file.write_all_at(&buf, at)?;
-                            let end = at + buf.len() as u64;
+                        WriteOp::Pages(buf, len, at) => {
+                            file.write_all_at(&buf[..len], at)?;
+                            let end = at + len as u64;
                             let (lo, hi) = span.map_or((at, end), |(l, h)| (l.min(at), h.max(end)));
                             span = Some((lo, hi));
                             if hi - lo >= FLUSH_AFTER {
@@ -377,7 +377,7 @@ impl Reading for ApplyFile<'_> {
 /// What the restore's writer thread does, in order.
 enum WriteOp {
     /// Consecutive pages at this byte offset.
-    Pages(Vec<u8>, u64),
+    Pages(Vec<u8>, usize, u64),
     /// The database's new length.
     SetLen(u64),
 }
@@ -440,13 +440,13 @@ impl Apply {
     /// Hands the gathered run of pages to the writer.
     fn write_run(&mut self) -> Result<()> {
         if self.run_len > 0 {
-            // A buffer back from the writer was cut to its run's length: only the rest is
-            // zeroed again.
-            let mut next = self.spare.try_recv().unwrap_or_default();
-            next.resize(RUN_CAP, 0);
-            let mut run = std::mem::replace(&mut self.run, next);
-            run.truncate(std::mem::take(&mut self.run_len));
-            self.send(WriteOp::Pages(run, self.run_at))?;
+            // Buffers keep their whole length (zeroed once, when first allocated): a run is
+            // `run[..run_len]`, however short (a restore of many small transactions writes
+            // one per transaction).
+            let next = self.spare.try_recv().unwrap_or_else(|_| vec![0; RUN_CAP]);
+            let run = std::mem::replace(&mut self.run, next);
+            let len = std::mem::take(&mut self.run_len);
+            self.send(WriteOp::Pages(run, len, self.run_at))?;
         }
         Ok(())
     }

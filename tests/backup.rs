@@ -40,9 +40,7 @@ fn load_kill_restore(io: &str) {
         "backend not logged:\n{log}"
     );
 
-    let out = w.path("restored.db");
-    let r = w.restore(&["-o", out.to_str().unwrap()]);
-    assert!(r.status.success(), "restore failed: {}", stderr(&r));
+    let out = w.restore_ok("restored.db");
     assert_eq!(integrity(&out), "ok");
     let primary = state(&w.db);
     assert_eq!(primary.0, 6200);
@@ -186,9 +184,7 @@ fn truncate_while_down() {
     );
     assert!(!log.contains("new generation"), "{log}");
 
-    let out = w.path("restored.db");
-    let r = w.restore(&["-o", out.to_str().unwrap()]);
-    assert!(r.status.success(), "{}", stderr(&r));
+    let out = w.restore_ok("restored.db");
     assert_eq!(integrity(&out), "ok");
     assert_eq!(state(&out), state(&w.db));
     assert_eq!(state(&out).0, 1000);
@@ -235,9 +231,7 @@ fn corrupted_backup_is_refused() {
         assert!(!out.exists(), "restore left {} behind", out.display());
         assert_no_restore_leftovers(&w);
     }
-    let out = w.path("good.db");
-    let r = w.restore(&["-o", out.to_str().unwrap()]);
-    assert!(r.status.success(), "{}", stderr(&r));
+    let out = w.restore_ok("good.db");
     assert_eq!(state(&out), state(&w.db));
 }
 
@@ -358,9 +352,7 @@ fn compaction_and_retention() {
     // 3,010 transactions over ~4 s with 1 s retention: far fewer files than syncs.
     assert!(files.len() < 200, "{} files left: {names:?}", files.len());
 
-    let out = w.path("restored.db");
-    let r = w.restore(&["-o", out.to_str().unwrap()]);
-    assert!(r.status.success(), "{}", stderr(&r));
+    let out = w.restore_ok("restored.db");
     assert_eq!(integrity(&out), "ok");
     assert_eq!(state(&out), state(&w.db));
     // Before the first snapshot still stored: refused, clearly, with nothing written.
@@ -388,9 +380,7 @@ fn truncate_checkpoints_while_running() {
         log.contains("TRUNCATE checkpoint busy=0"),
         "no TRUNCATE checkpoint ran:\n{log}"
     );
-    let out = w.path("restored.db");
-    let r = w.restore(&["-o", out.to_str().unwrap()]);
-    assert!(r.status.success(), "{}", stderr(&r));
+    let out = w.restore_ok("restored.db");
     assert_eq!(integrity(&out), "ok");
     assert_eq!(state(&out), state(&w.db));
 }
@@ -485,9 +475,7 @@ fn app_truncate_checkpoint_completes(extra: &str) {
         );
     }
     d.stop();
-    let out = w.path("restored.db");
-    let r = w.restore(&["-o", out.to_str().unwrap()]);
-    assert!(r.status.success(), "{}", stderr(&r));
+    let out = w.restore_ok("restored.db");
     assert_eq!(state(&out), expect(900));
 }
 
@@ -525,9 +513,7 @@ fn batched_capture_does_not_wake_per_commit() {
         "capture woke {waits} times for 1,500 commits batched for a second"
     );
     d.stop();
-    let out = w.path("restored.db");
-    let r = w.restore(&["-o", out.to_str().unwrap()]);
-    assert!(r.status.success(), "{}", stderr(&r));
+    let out = w.restore_ok("restored.db");
     assert_eq!(state(&out), expect(1501));
 }
 
@@ -545,9 +531,7 @@ fn batched_capture_keeps_checkpointing_at_the_wal_threshold() {
     let frames = wal.saturating_sub(32) / (4096 + 24);
     eprintln!("WAL high-water mark: {frames} frames");
     // Durable without waiting an hour: a restore finds most of the load.
-    let out = w.path("early.db");
-    let r = w.restore(&["-o", out.to_str().unwrap()]);
-    assert!(r.status.success(), "{}", stderr(&r));
+    let out = w.restore_ok("early.db");
     let early = state(&out).0;
     let log = d.stop();
     assert!(

@@ -60,9 +60,7 @@ fn load_kill_restore(keep_fs: bool) {
     let primary = state(&w.db);
     assert_eq!(primary.0, 3100);
     // From the config (every target), and from the bucket alone by URL.
-    let out = w.path("restored.db");
-    let r = w.restore(&["-o", out.to_str().unwrap()]);
-    assert!(r.status.success(), "restore: {}", stderr(&r));
+    let out = w.restore_ok("restored.db");
     assert_eq!(state(&out), primary);
     let out2 = w.path("from-url.db");
     restore_from_url(&s, &w, &out2);

@@ -204,9 +204,7 @@ fn ride_out(
 
 /// Restores the latest backup and compares it with the primary and the load's state `n`.
 fn restore_equals_primary(w: &World, n: u64) {
-    let out = w.path(&format!("restored-{n}.db"));
-    let r = w.restore(&["-o", out.to_str().unwrap()]);
-    assert!(r.status.success(), "restore: {}", stderr(&r));
+    let out = w.restore_ok(&format!("restored-{n}.db"));
     assert_eq!(integrity(&out), "ok");
     assert_eq!(
         state(&out),

@@ -93,9 +93,9 @@ pub fn decode_file_into(storage: &dyn Storage, meta: &FileMeta, r: &mut dyn Read
                 start = 0;
                 let want = dec.max_item_len().max(FILE_HEADER_LEN);
                 refills += 1;
-                let size = if refills > 1 { READ_BUF } else { buf.len() };
-                if buf.len() < size.max(filled + want) {
-                    buf.resize(size.max(filled + want), 0);
+                let size = if refills > 1 { READ_BUF } else { 0 }.max(filled + want);
+                if buf.len() < size {
+                    buf.resize(size, 0);
                 }
                 let n = read_some(&mut input, &mut buf[filled..])
                     .with_context(|| format!("reading {loc}"))?;

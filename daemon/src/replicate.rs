@@ -871,7 +871,8 @@ impl Replicator {
                     _ => break,
                 }
             }
-            if !due && wal_writes && wal_writes_only && self.defer_wal_writes() {
+            let wal_writes_only = wal_writes && wal_writes_only;
+            if !due && wal_writes_only && self.defer_wal_writes() {
                 continue;
             }
             if !woke
@@ -883,7 +884,7 @@ impl Replicator {
                 continue;
             }
             last_step = Instant::now();
-            self.wal_writes_woke = wal_writes && wal_writes_only;
+            self.wal_writes_woke = wal_writes_only;
             let r = self.step();
             self.wal_writes_woke = false;
             if let Err(e) = r {

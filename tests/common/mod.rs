@@ -131,6 +131,15 @@ impl World {
             .unwrap()
     }
 
+    /// `replited restore -o NAME` (a path in the world's directory), which must succeed;
+    /// returns that path.
+    pub fn restore_ok(&self, name: &str) -> PathBuf {
+        let out = self.path(name);
+        let r = self.restore(&["-o", out.to_str().unwrap()]);
+        assert!(r.status.success(), "restore failed: {}", stderr(&r));
+        out
+    }
+
     /// Every stored file in the backup's generations (not `.recycle/`, emptied files waiting
     /// for reuse), sorted.
     pub fn stored_files(&self) -> Vec<PathBuf> {

@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod cert;
+pub mod checkvfs;
 pub mod cli;
 pub mod config;
 pub mod http;

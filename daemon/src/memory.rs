@@ -31,3 +31,15 @@ pub fn keep_small() {
             });
     }
 }
+
+/// This process's peak resident size so far (VmHWM), in kB.
+pub fn peak_kb() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
+}

@@ -185,12 +185,13 @@ fn restore_once(sources: &[&dyn Storage], opts: &RestoreOptions) -> Result<Optio
     install(&tmp, &opts.output)?;
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
-        "restored {} ({} bytes) to txid {:016x} in {:.3}s ({:.1} MB/s)",
+        "restored {} ({} bytes) to txid {:016x} in {:.3}s ({:.1} MB/s; peak resident size {} kB)",
         opts.output.display(),
         done.bytes,
         done.txid,
         secs,
-        done.bytes as f64 / 1e6 / secs.max(1e-9)
+        done.bytes as f64 / 1e6 / secs.max(1e-9),
+        crate::memory::peak_kb().map_or("unknown".into(), |k| k.to_string())
     );
     Ok(Some(done))
 }

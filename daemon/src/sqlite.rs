@@ -156,13 +156,21 @@ pub fn db_hashes(c: &Connection) -> Result<DbHashes> {
 
 /// Runs `PRAGMA integrity_check` on a database file; Ok only for "ok".
 pub fn integrity_check(path: &Path) -> Result<()> {
-    let c = Connection::open_with_flags(
+    let rc = crate::checkvfs::register();
+    if rc != rusqlite::ffi::SQLITE_OK {
+        bail!(
+            "registering SQLite's check VFS: {}",
+            rusqlite::ffi::code_to_str(rc)
+        );
+    }
+    let c = Connection::open_with_flags_and_vfs(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        crate::checkvfs::NAME,
     )?;
-    // Not through a memory map, although that halves the check's time: the mapped pages count
-    // in the process's resident size (a 1 GB restore peaked at 740 MB), and operators and
-    // memory limits see that.
+    // Memory-mapped reads, from the check VFS's small windows (see checkvfs): pages walked
+    // in file order are read in place, about a third of the time through `pread`.
+    c.pragma_update(None, "mmap_size", std::fs::metadata(path)?.len())?;
     let mut stmt = c.prepare("PRAGMA integrity_check")?;
     let rows: Vec<String> = stmt
         .query_map([], |r| r.get(0))?

@@ -7,12 +7,13 @@
 //! here); through a memory map SQLite uses the page cache's pages in place (0.4 s). But SQLite's
 //! own map covers the whole file (up to 2 GB) and every page touched stays in the process's
 //! resident size until the connection closes: a 1 GB check peaks near 1 GB, which operators,
-//! `ps` and memory limits see. Here a page is served from a window of `WINDOW` bytes mapped
-//! when a read lands next to one served normally (a b-tree walked in file order); a page
-//! read in passing (an index lookup) is read normally. At most
-//! `SLOTS` windows exist, and only windows SQLite holds no page of are unmapped: the resident
-//! size stays within `SLOTS` x `WINDOW` beyond SQLite's page cache, and the windows cover the
-//! whole file (SQLite's 2 GB limit applies to its own map, which this VFS never asks for).
+//! `ps` and memory limits see (and on recent kernels a touch maps a whole MiB around it).
+//! Here a page comes from a window of `WINDOW` bytes, mapped when a read lands next to one of
+//! the last reads served normally (a b-tree walked in file order); a page read in passing (an
+//! index lookup) is read normally. At most `SLOTS` windows exist, and only windows SQLite holds
+//! no page of are unmapped: the resident size stays within `SLOTS` x `WINDOW` beyond SQLite's
+//! page cache, and the windows cover the whole file (SQLite's 2 GB limit applies to its own
+//! map, which this VFS never makes).
 //!
 //! The VFS opens the main database a second time, read-only, for its maps, and closes that
 //! descriptor after SQLite closed the file. Closing a descriptor drops the process's POSIX
@@ -29,7 +30,7 @@ use rusqlite::ffi;
 /// The name connections pass to `sqlite3_open_v2` to use this VFS.
 pub const NAME: &CStr = c"replited-check";
 
-/// Bytes of the file one window maps (256 pages of 4 KiB), aligned to its size.
+/// Bytes of the file one window maps (512 pages of 4 KiB), aligned to its size.
 const WINDOW: u64 = 2 << 20;
 /// Windows mapped at most at once.
 const SLOTS: usize = 4;

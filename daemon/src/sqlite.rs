@@ -154,7 +154,9 @@ pub fn db_hashes(c: &Connection) -> Result<DbHashes> {
     Ok(h)
 }
 
-/// Runs `PRAGMA integrity_check` on a database file; Ok only for "ok".
+/// Runs `PRAGMA integrity_check` on a database file; Ok only for "ok". For a file nothing else
+/// in the process has open (a restore's or a received snapshot's temporary file): see
+/// `checkvfs`.
 pub fn integrity_check(path: &Path) -> Result<()> {
     let rc = crate::checkvfs::register();
     if rc != rusqlite::ffi::SQLITE_OK {

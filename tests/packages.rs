@@ -370,13 +370,9 @@ fn packages_build_and_hold_what_they_should() {
         names.is_subset(&allowed),
         "Depends has more than glibc, libgcc and systemd's sysusers/tmpfiles: {depends}"
     );
-    for f in [
-        "Pre-Depends",
-        "Recommends",
-        "Suggests",
-        "Conflicts",
-        "Breaks",
-    ] {
+    // The trusted certificates for https:// S3 endpoints.
+    assert_eq!(field("Recommends"), "ca-certificates");
+    for f in ["Pre-Depends", "Suggests", "Conflicts", "Breaks"] {
         assert_eq!(field(f), "", "unexpected {f}");
     }
 

@@ -2,6 +2,8 @@
 //! signatures (s3s-fs, installed by scripts/install-s3s).
 
 mod common;
+#[path = "common/tls_front.rs"]
+mod tls_front;
 
 use std::fs;
 use std::process::Command;
@@ -112,6 +114,69 @@ fn wrong_credentials_and_missing_bucket_are_named() {
     assert!(err.contains("no-such-bucket"), "{err}");
     assert!(err.contains("NoSuchBucket"), "{err}");
     assert!(s.keys(BUCKET).is_empty());
+}
+
+/// An `https://` endpoint (the S3 server behind TLS, its certificate issued by a private CA):
+/// not trusted by default, replited refuses to start, naming the endpoint and the certificate,
+/// and writes nothing; with the CA in `SSL_CERT_FILE` (as an operator sets it in a drop-in) it
+/// backs up over TLS, and a restore over TLS equals the primary.
+#[test]
+fn an_https_endpoint_is_verified_against_the_trusted_certificates() {
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let w = World::new("");
+    let certs = w.path("certs");
+    make_certs(&certs, &["127.0.0.1"]);
+    let front = tls_front::TlsFront::start(
+        &certs.join("primary.pem"),
+        &certs.join("primary-key.pem"),
+        s.endpoint.trim_start_matches("http://"),
+    );
+    configure(
+        &w,
+        &s3_target(&s, BUCKET, &s.secret_key).replace(&s.endpoint, &front.endpoint),
+        false,
+    );
+    let ca = certs.join("ca.pem");
+    // The system's trust store does not know the private CA.
+    let o = Command::new(bin())
+        .args(["-c", w.config.to_str().unwrap(), "replicate"])
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains(&front.endpoint), "{err}");
+    assert!(err.contains("certificate"), "{err}");
+    assert!(s.keys(BUCKET).is_empty(), "{:?}", s.keys(BUCKET));
+    // Trusted through SSL_CERT_FILE.
+    let trust = format!("SSL_CERT_FILE={}", ca.display());
+    let d = w.start_under(&["env", &trust], "auto");
+    run_load(&w.db, 1, 300);
+    d.stop();
+    let primary = state(&w.db);
+    assert!(
+        s.keys(BUCKET)
+            .iter()
+            .any(|k| k.starts_with("backups/data.db/")),
+        "{:?}",
+        s.keys(BUCKET)
+    );
+    let out = w.path("from-https.db");
+    let o = Command::new(bin())
+        .args(["restore", &format!("s3://{BUCKET}/backups/data.db")])
+        .args(["-o", out.to_str().unwrap(), "--endpoint", &front.endpoint])
+        .env("AWS_ACCESS_KEY_ID", &s.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &s.secret_key)
+        .env("AWS_REGION", &s.region)
+        .env("SSL_CERT_FILE", &ca)
+        .current_dir(w.dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "restore over TLS: {}", stderr(&o));
+    assert_eq!(state(&out), primary);
+    assert!(front.handshakes() > 2, "{} handshakes", front.handshakes());
 }
 
 /// The S3 server stopped for 30 s during a load: capture and the local directory target go on,

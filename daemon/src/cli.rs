@@ -197,6 +197,7 @@ pub enum CertCommand {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::memory::keep_small();
+    crate::transport::install_default_provider();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

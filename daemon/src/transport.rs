@@ -183,6 +183,14 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes ring the process's TLS provider, for what builds its configuration from the process
+/// default: the S3 client's HTTPS (attohttpc's rustls, whose features also compile aws-lc-rs,
+/// so rustls cannot pick one alone). The QUIC transport passes its provider explicitly.
+pub fn install_default_provider() {
+    // Err: one is installed already (the same, by an earlier call).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 fn load_certs(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())

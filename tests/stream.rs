@@ -251,6 +251,48 @@ fn a_replica_behind_applies_runs_of_transactions_as_one() {
     p.stop();
 }
 
+/// With `sync-interval = "1s"` one write-out can hold more than the stream server keeps in
+/// memory (8 MiB of transactions): only the batch's last 8 MiB are copied for it, and a replica
+/// following live gets the batch's earlier transactions read back from storage, in order. It
+/// ends equal to the primary, without a rebuild.
+#[test]
+fn a_replica_follows_write_outs_larger_than_the_stream_keeps_in_memory() {
+    let c = Cluster::new(Opts::default());
+    let cfg = fs::read_to_string(&c.pcfg).unwrap().replacen(
+        "\n\n[[database.replicate]]",
+        "\nsync-interval = \"1s\"\n\n[[database.replicate]]",
+        1,
+    );
+    fs::write(&c.pcfg, cfg).unwrap();
+    let p = c.primary();
+    run_load(&c.pdb, 1, 100);
+    let r = c.replica(&[]);
+    r.wait_for_log("caught up with the primary", Duration::from_secs(60));
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(30), &[&p, &r]);
+    // 16 MB in 160 transactions, well within a second: one write-out.
+    {
+        let conn = rusqlite::Connection::open(&c.pdb).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn.execute_batch("CREATE TABLE blobs (b BLOB)").unwrap();
+        for i in 0..160u32 {
+            let b: Vec<u8> = (0..100_000u32)
+                .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i) >> 13) as u8)
+                .collect();
+            conn.execute("INSERT INTO blobs VALUES (?1)", [b]).unwrap();
+        }
+    }
+    run_load(&c.pdb, 101, 200);
+    wait_equal(&c.pdb, &c.rdb, Duration::from_secs(60), &[&p, &r]);
+    assert_eq!(integrity(&c.rdb), "ok");
+    let rlog = r.stop();
+    let plog = p.stop();
+    assert!(
+        plog.contains("read back from storage"),
+        "the replica was not served from storage:\n{plog}"
+    );
+    assert_eq!(count(&rlog, "must be rebuilt"), 0, "{rlog}");
+}
+
 /// A write made on the replica is detected, reported and repaired.
 #[test]
 fn local_write_on_the_replica_is_repaired() {

@@ -49,7 +49,7 @@ use rusqlite::Connection;
 use crate::config::{db_name, Compression, DbConfig, ReplicateConfig, TargetParams};
 use crate::reader::{decode_file, read_header};
 use crate::s3::S3Storage;
-use crate::server::Hub;
+use crate::server::{Hub, RECENT_BYTES};
 use crate::shutdown::Shutdown;
 use crate::spool::SpoolStorage;
 use crate::sqlite;
@@ -319,6 +319,29 @@ enum Pages {
 struct Captured {
     header: TxnHeader,
     pages: Pages,
+}
+
+impl Captured {
+    fn page_count(&self) -> usize {
+        match &self.pages {
+            Pages::Wal(refs) => refs.len(),
+            Pages::Inline(pages) => pages.len(),
+        }
+    }
+}
+
+/// Where the transactions a stream hub keeps of `batch` begin: the hub holds only the last
+/// [`RECENT_BYTES`] of transactions (at least one; replicas further behind read from storage),
+/// so the pages of the earlier ones are not copied for it.
+fn hub_tail(batch: &[Captured], page_size: usize) -> usize {
+    let mut bytes = 0;
+    for (i, c) in batch.iter().enumerate().rev() {
+        bytes += c.page_count() * page_size + 64;
+        if bytes > RECENT_BYTES && i + 1 < batch.len() {
+            return i + 1;
+        }
+    }
+    0
 }
 
 struct OpenWal {
@@ -1429,10 +1452,13 @@ impl Replicator {
             let mut enc = Encoder::new(&header, &mut out)?;
             let ps = self.hashes.page_size() as usize;
             let mut data = Vec::new();
-            let streaming = self.hub.is_some();
-            for c in &self.batch {
+            let hub_from = match self.hub {
+                Some(_) => hub_tail(&self.batch, ps),
+                None => self.batch.len(),
+            };
+            for (i, c) in self.batch.iter().enumerate() {
                 enc.begin_txn(&c.header, &mut out)?;
-                let mut txn = streaming.then(|| Txn {
+                let mut txn = (i >= hub_from).then(|| Txn {
                     generation: self.generation,
                     header: TxnInfo::from(&c.header),
                     pages: Vec::with_capacity(c.header.page_count as usize),

@@ -4,7 +4,7 @@
 //! Layout: the same names as a local directory, under the prefix: `ROOT/NAME/GEN/FILE`. Nothing
 //! is listed per sync: the capture thread knows what it wrote and lists only when it
 //! (re-)establishes. Files are written to a temporary file beside the database first (memory
-//! stays bounded whatever their size), then uploaded — in 8 MiB parts above 8 MiB — with
+//! stays bounded whatever their size), then uploaded — in 5 MiB parts from 5 MiB on — with
 //! retries (exponential backoff with jitter); `commit` returns only once the object is complete.
 //! An upload of the same name is idempotent (the names say what they hold). Reads download to a
 //! temporary file, which the reader consumes and which is gone once it is closed.
@@ -77,33 +77,69 @@ impl Requests {
     }
 }
 
-/// Multipart uploads from this size on (rust-s3's part size).
-const PART: u64 = 8 << 20;
+/// Multipart uploads from this size on, in parts of this size: S3's smallest part (all but
+/// the last), so an upload holds at most one part in memory (and rust-s3's copy of it, the
+/// request's body).
+const PART: u64 = 5 << 20;
+
+const CONTENT_TYPE: &str = "application/octet-stream";
 
 /// Uploads the rest of `file` (from its current position) as `key`: one PUT below [`PART`]
-/// bytes (read into memory, at most 8 MiB), a multipart upload of 8 MiB parts above, read as it
-/// goes; retried as a whole.
+/// bytes, else a multipart upload of [`PART`]-sized parts read one at a time; retried as a
+/// whole (a failed multipart upload is aborted first).
 fn upload(bucket: &Bucket, what: &str, key: &str, file: &mut File) -> Result<()> {
     let start = file.stream_position()?;
     let len = file.metadata()?.len().saturating_sub(start);
     let t = std::time::Instant::now();
+    let mut buf = Vec::with_capacity(len.min(PART) as usize);
     if len < PART {
-        let mut data = Vec::with_capacity(len as usize);
-        file.read_to_end(&mut data)?;
+        file.read_to_end(&mut buf)?;
         retry(what, &format!("uploading {key}"), || {
             REQUESTS.put.fetch_add(1, Relaxed);
-            bucket.put_object(key, &data).map(|_| ())
+            bucket.put_object(key, &buf).map(|_| ())
         })?;
         tracing::trace!(len, ms = t.elapsed().as_millis() as u64, "uploaded {key}");
         return Ok(());
     }
     retry(what, &format!("uploading {key}"), || {
-        // Initiate, the parts, complete.
-        REQUESTS.put.fetch_add(2 + len.div_ceil(PART), Relaxed);
-        file.seek(SeekFrom::Start(start)).map_err(S3Error::Io)?;
-        let mut r = io::BufReader::with_capacity(1 << 20, &mut *file);
-        bucket.put_object_stream(&mut r, key).map(|_| ())
-    })
+        REQUESTS.put.fetch_add(1, Relaxed);
+        let up = bucket.initiate_multipart_upload(key, CONTENT_TYPE)?;
+        let parts = (|| {
+            file.seek(SeekFrom::Start(start)).map_err(S3Error::Io)?;
+            let mut parts = Vec::new();
+            for n in 1..=len.div_ceil(PART) {
+                buf.clear();
+                let want = PART.min(len - (n - 1) * PART);
+                (&mut *file)
+                    .take(want)
+                    .read_to_end(&mut buf)
+                    .map_err(S3Error::Io)?;
+                if buf.len() as u64 != want {
+                    return Err(S3Error::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the file to upload as {key} shrank while it was uploaded"),
+                    )));
+                }
+                REQUESTS.put.fetch_add(1, Relaxed);
+                parts.push(bucket.put_multipart_chunk(
+                    &buf,
+                    &up.key,
+                    n as u32,
+                    &up.upload_id,
+                    CONTENT_TYPE,
+                )?);
+            }
+            REQUESTS.put.fetch_add(1, Relaxed);
+            bucket.complete_multipart_upload(&up.key, &up.upload_id, parts)
+        })();
+        if parts.is_err() {
+            REQUESTS.delete.fetch_add(1, Relaxed);
+            let _ = bucket.abort_upload(&up.key, &up.upload_id);
+        }
+        parts.map(|_| ())
+    })?;
+    tracing::trace!(len, ms = t.elapsed().as_millis() as u64, "uploaded {key}");
+    Ok(())
 }
 
 /// One database's files in a bucket.
@@ -179,7 +215,7 @@ impl S3Storage {
             bucket = bucket.with_path_style();
         }
         // A request that hangs (a store stuck mid-response) fails and is retried rather than
-        // holding its thread for rust-s3's default minute. An 8 MiB part needs 0.4 MB/s.
+        // holding its thread for rust-s3's default minute. A 5 MiB part needs 0.25 MB/s.
         bucket.request_timeout = Some(REQUEST_TIMEOUT);
         let root = p.root.trim_matches('/');
         let prefix = if root.is_empty() {

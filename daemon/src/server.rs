@@ -252,7 +252,15 @@ impl Hub {
         let mut last_err = String::from("no storage target holds them");
         for s in &self.storage {
             match read_history(&**s, after) {
-                Ok(v) if !v.is_empty() => return Ok(v.into_iter().map(Arc::new).collect()),
+                Ok(v) if !v.is_empty() => {
+                    tracing::debug!(
+                        db = %self.name,
+                        txns = v.len(),
+                        "transactions after {after} read back from storage ({})",
+                        s.describe()
+                    );
+                    return Ok(v.into_iter().map(Arc::new).collect());
+                }
                 Ok(_) => {}
                 Err(e) => last_err = format!("{}: {e:#}", s.describe()),
             }

@@ -5,13 +5,18 @@
 //!    the spool empty) and its restore from the bucket by URL, in MB/s;
 //! 2. requests sent to S3 (PUT, GET, LIST, DELETE, as replited counts and logs them at exit)
 //!    while single-row transactions commit at 1 and at 100 transactions/s, scaled to an hour,
-//!    with the default settings and with `sync-interval = "1s"`.
+//!    with the default settings and with `sync-interval = "1s"`;
+//! 3. the CPU an S3 request costs over plain HTTP and over HTTPS: a backup of many small
+//!    objects restored by URL from the server directly and through a TLS front (a certificate
+//!    of a private CA made by `replited cert`, trusted through `SSL_CERT_FILE`), alternating.
 //!
 //! `cargo bench --bench s3` runs the full sizes; `cargo bench -- --test` a tiny version.
 
 #[allow(dead_code)]
 #[path = "../tests/common/s3.rs"]
 mod fixture;
+#[path = "../tests/common/tls_front.rs"]
+mod tls_front;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -211,6 +216,107 @@ fn requests(s: &S3Server, rate: u32, secs: f64, extra: &str) -> [f64; 4] {
     ]
 }
 
+/// The user + system CPU of `c` run to its end (ms), and whether it succeeded.
+fn cpu_ms(c: &mut Command) -> (f64, std::process::Output) {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let ms = |u: nix::sys::resource::Usage| {
+        let t = |v: nix::sys::time::TimeVal| v.tv_sec() as f64 * 1e3 + v.tv_usec() as f64 / 1e3;
+        t(u.user_time()) + t(u.system_time())
+    };
+    let before = ms(getrusage(UsageWho::RUSAGE_CHILDREN).unwrap());
+    let o = c.output().unwrap();
+    (
+        ms(getrusage(UsageWho::RUSAGE_CHILDREN).unwrap()) - before,
+        o,
+    )
+}
+
+/// How a restore reaches the bucket: a name, HTTPS or not, and `SSL_CERT_DIR` (None: unset).
+const REQUEST_VARIANTS: [(&str, bool, Option<&str>); 3] = [
+    ("http:// (s3s-fs)", false, None),
+    ("https://, the CA alone (`SSL_CERT_FILE`)", true, None),
+    (
+        "https://, the CA + the system's certificates (`SSL_CERT_DIR=/etc/ssl/certs`, what is read by default)",
+        true,
+        Some("/etc/ssl/certs"),
+    ),
+];
+
+/// A backup of `n` single-transaction segments (nothing compacted), restored by URL `rounds`
+/// times in each of [`REQUEST_VARIANTS`], rotating: (objects, median CPU ms per variant).
+fn request_cpu(s: &S3Server, n: u64, rounds: usize) -> (usize, Vec<f64>) {
+    let w = World::new(
+        s,
+        "compaction-interval = \"1h\"\nsnapshot-interval = \"1h\"",
+    );
+    let child = w.start();
+    let t = Instant::now();
+    while !w.log_text().contains("capturing") {
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let conn = rusqlite::Connection::open(&w.db).unwrap();
+    for _ in 0..n {
+        conn.execute("INSERT INTO t (v) VALUES (randomblob(100))", [])
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop(child);
+    let certs = w.dir.path().join("certs");
+    let c = certs.to_str().unwrap();
+    for args in [
+        vec!["ca", "--dir", c],
+        vec!["server", "--ca-dir", c, "--san", "127.0.0.1"],
+    ] {
+        let o = Command::new(bin())
+            .arg("cert")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let front = tls_front::TlsFront::start(
+        &certs.join("primary.pem"),
+        &certs.join("primary-key.pem"),
+        s.endpoint.trim_start_matches("http://"),
+    );
+    let prefix = w.dir.path().file_name().unwrap().to_string_lossy();
+    let objects = s
+        .keys(BUCKET)
+        .iter()
+        .filter(|k| k.starts_with(&format!("{prefix}/")))
+        .count();
+    let k = REQUEST_VARIANTS.len();
+    let mut cpu = vec![Vec::new(); k];
+    for r in 0..rounds {
+        for j in 0..k {
+            let i = (r + j) % k;
+            let (_, tls, dir) = REQUEST_VARIANTS[i];
+            let out = w.dir.path().join(format!("restored-{r}-{i}.db"));
+            let mut cmd = Command::new(bin());
+            cmd.args(["restore", &format!("s3://{BUCKET}/{prefix}/data.db")])
+                .args(["-o", out.to_str().unwrap(), "--endpoint"])
+                .arg(if tls { &front.endpoint } else { &s.endpoint })
+                .env("AWS_ACCESS_KEY_ID", &s.access_key)
+                .env("AWS_SECRET_ACCESS_KEY", &s.secret_key)
+                .env("AWS_REGION", &s.region)
+                .env("SSL_CERT_FILE", certs.join("ca.pem"))
+                .env_remove("SSL_CERT_DIR");
+            if let Some(d) = dir {
+                cmd.env("SSL_CERT_DIR", d);
+            }
+            let (ms, o) = cpu_ms(&mut cmd);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            cpu[i].push(ms);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (objects, cpu.into_iter().map(median).collect())
+}
+
 fn main() {
     let test = std::env::args().any(|a| a == "--test");
     if std::env::args().any(|a| a == "--list") {
@@ -243,5 +349,15 @@ fn main() {
                 r[0], r[1], r[2], r[3]
             );
         }
+    }
+    let (n, rounds) = if test { (20, 1) } else { (300, 5) };
+    let (objects, cpu) = request_cpu(&s, n, rounds);
+    println!(
+        "\n### CPU of a restore by URL of {objects} objects (single-transaction segments), median of {rounds}\n"
+    );
+    println!("| endpoint | restore CPU (ms) | per object (ms) |");
+    println!("|---|---|---|");
+    for ((name, _, _), ms) in REQUEST_VARIANTS.iter().zip(cpu) {
+        println!("| {name} | {ms:.0} | {:.2} |", ms / objects as f64);
     }
 }

@@ -148,7 +148,12 @@ fn an_https_endpoint_is_verified_against_the_trusted_certificates() {
     let err = stderr(&o);
     assert!(!o.status.success(), "{err}");
     assert!(err.contains(&front.endpoint), "{err}");
-    assert!(err.contains("certificate"), "{err}");
+    assert!(err.contains("invalid peer certificate"), "{err}");
+    assert!(err.contains("SSL_CERT_FILE"), "{err}");
+    assert!(
+        !err.contains("attempt 2"),
+        "a certificate error is not retried: {err}"
+    );
     assert!(s.keys(BUCKET).is_empty(), "{:?}", s.keys(BUCKET));
     // Trusted through SSL_CERT_FILE.
     let trust = format!("SSL_CERT_FILE={}", ca.display());

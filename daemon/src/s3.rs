@@ -329,7 +329,8 @@ fn retry<T>(what: &str, doing: &str, mut f: impl FnMut() -> Result<T, S3Error>) 
         match f() {
             Ok(v) => return Ok(v),
             Err(e) => {
-                let permanent = matches!(&e, S3Error::HttpFailWithBody(code, _)
+                let permanent = untrusted(&e)
+                    || matches!(&e, S3Error::HttpFailWithBody(code, _)
                     if (400..500).contains(code) && *code != 408 && *code != 429);
                 if permanent || attempt >= ATTEMPTS {
                     return Err(anyhow!("{doing} ({what}): {}", explain(&e)));
@@ -370,8 +371,17 @@ fn explain(e: &S3Error) -> String {
                 _ => format!("HTTP {code}"),
             }
         }
+        e if untrusted(e) => format!(
+            "{e} (the endpoint's certificate is not trusted here: install the system's CA \
+             certificates, or name its CA in SSL_CERT_FILE)"
+        ),
         e => e.to_string(),
     }
+}
+
+/// A TLS certificate the client does not accept: asking again will not change it.
+fn untrusted(e: &S3Error) -> bool {
+    matches!(e, S3Error::Atto(_)) && e.to_string().contains("invalid peer certificate")
 }
 
 struct S3Writer {

@@ -231,15 +231,36 @@ fn cpu_ms(c: &mut Command) -> (f64, std::process::Output) {
     )
 }
 
-/// How a restore reaches the bucket: a name, HTTPS or not, and `SSL_CERT_DIR` (None: unset).
-const REQUEST_VARIANTS: [(&str, bool, Option<&str>); 3] = [
-    ("http:// (s3s-fs)", false, None),
-    ("https://, the CA alone (`SSL_CERT_FILE`)", true, None),
+/// What the client trusts for the TLS front's private CA.
+#[derive(Clone, Copy)]
+enum Trust {
+    /// `SSL_CERT_FILE` = the CA alone.
+    Ca,
+    /// `SSL_CERT_FILE` = the system's bundle with the CA appended (one file, no directory).
+    Bundle,
+    /// `SSL_CERT_FILE` = the CA and `SSL_CERT_DIR` = the system's certificate directory: what
+    /// is read without either variable (the system's bundle and its directory).
+    CaAndSystemDir,
+}
+
+/// How a restore reaches the bucket: a name, and HTTPS with what trust (None: plain HTTP).
+const REQUEST_VARIANTS: [(&str, Option<Trust>); 4] = [
+    ("http:// (s3s-fs)", None),
+    ("https://, the CA alone (`SSL_CERT_FILE`)", Some(Trust::Ca)),
     (
-        "https://, the CA + the system's certificates (`SSL_CERT_DIR=/etc/ssl/certs`, what is read by default)",
-        true,
-        Some("/etc/ssl/certs"),
+        "https://, the system's bundle + the CA in one file (`SSL_CERT_FILE`)",
+        Some(Trust::Bundle),
     ),
+    (
+        "https://, the CA + the system's certificate directory (`SSL_CERT_DIR=/etc/ssl/certs`, as read by default)",
+        Some(Trust::CaAndSystemDir),
+    ),
+];
+
+/// The system's CA bundle (Debian's, Fedora's).
+const SYSTEM_BUNDLES: [&str; 2] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
 ];
 
 /// A backup of `n` single-transaction segments (nothing compacted), restored by URL `rounds`
@@ -280,6 +301,12 @@ fn request_cpu(s: &S3Server, n: u64, rounds: usize) -> (usize, Vec<f64>) {
         &certs.join("primary-key.pem"),
         s.endpoint.trim_start_matches("http://"),
     );
+    let mut bundle = SYSTEM_BUNDLES
+        .iter()
+        .find_map(|p| fs::read(p).ok())
+        .unwrap_or_default();
+    bundle.extend(fs::read(certs.join("ca.pem")).unwrap());
+    fs::write(certs.join("bundle.pem"), bundle).unwrap();
     let prefix = w.dir.path().file_name().unwrap().to_string_lossy();
     let objects = s
         .keys(BUCKET)
@@ -291,19 +318,28 @@ fn request_cpu(s: &S3Server, n: u64, rounds: usize) -> (usize, Vec<f64>) {
     for r in 0..rounds {
         for j in 0..k {
             let i = (r + j) % k;
-            let (_, tls, dir) = REQUEST_VARIANTS[i];
+            let (_, trust) = REQUEST_VARIANTS[i];
             let out = w.dir.path().join(format!("restored-{r}-{i}.db"));
             let mut cmd = Command::new(bin());
             cmd.args(["restore", &format!("s3://{BUCKET}/{prefix}/data.db")])
                 .args(["-o", out.to_str().unwrap(), "--endpoint"])
-                .arg(if tls { &front.endpoint } else { &s.endpoint })
+                .arg(match trust {
+                    Some(_) => &front.endpoint,
+                    None => &s.endpoint,
+                })
                 .env("AWS_ACCESS_KEY_ID", &s.access_key)
                 .env("AWS_SECRET_ACCESS_KEY", &s.secret_key)
                 .env("AWS_REGION", &s.region)
                 .env("SSL_CERT_FILE", certs.join("ca.pem"))
                 .env_remove("SSL_CERT_DIR");
-            if let Some(d) = dir {
-                cmd.env("SSL_CERT_DIR", d);
+            match trust {
+                Some(Trust::Bundle) => {
+                    cmd.env("SSL_CERT_FILE", certs.join("bundle.pem"));
+                }
+                Some(Trust::CaAndSystemDir) => {
+                    cmd.env("SSL_CERT_DIR", "/etc/ssl/certs");
+                }
+                _ => {}
             }
             let (ms, o) = cpu_ms(&mut cmd);
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -357,7 +393,7 @@ fn main() {
     );
     println!("| endpoint | restore CPU (ms) | per object (ms) |");
     println!("|---|---|---|");
-    for ((name, _, _), ms) in REQUEST_VARIANTS.iter().zip(cpu) {
+    for ((name, _), ms) in REQUEST_VARIANTS.iter().zip(cpu) {
         println!("| {name} | {ms:.0} | {:.2} |", ms / objects as f64);
     }
 }

@@ -482,18 +482,24 @@ fn exec_child_is_supervised() {
     let p = c.primary();
     run_load(&c.pdb, 1, 100);
     let runs = c.dir.path().join("runs");
+    let env = c.dir.path().join("app-env");
     let script = c.dir.path().join("app.sh");
     // Each start appends a line; the first two starts exit by themselves (a crash), the third
-    // waits for SIGTERM and records it.
+    // waits for SIGTERM and records it. The app also records its SSL_CERT_FILE.
     fs::write(
         &script,
         format!(
-            "#!/bin/sh\necho start >> {runs}\nn=$(wc -l < {runs})\nif [ \"$n\" -lt 3 ]; then exit 3; fi\ntrap 'echo term >> {runs}; exit 0' TERM\nwhile true; do sleep 0.1; done\n",
-            runs = runs.display()
+            "#!/bin/sh\necho \"${{SSL_CERT_FILE-unset}}\" > {env}\necho start >> {runs}\nn=$(wc -l < {runs})\nif [ \"$n\" -lt 3 ]; then exit 3; fi\ntrap 'echo term >> {runs}; exit 0' TERM\nwhile true; do sleep 0.1; done\n",
+            runs = runs.display(),
+            env = env.display()
         ),
     )
     .unwrap();
-    let r = c.replica(&["--exec", &format!("sh {}", script.display())]);
+    // Started without SSL_CERT_FILE / SSL_CERT_DIR: replited sets SSL_CERT_FILE for its own S3
+    // client (the system's bundle), not for the app.
+    let mut cmd = Command::new(bin());
+    cmd.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
+    let r = c.replica_cmd(cmd, &["--exec", &format!("sh {}", script.display())]);
     r.wait_for_log("caught up with the primary", Duration::from_secs(60));
     let start = Instant::now();
     while fs::read_to_string(&runs)
@@ -524,6 +530,7 @@ fn exec_child_is_supervised() {
         ["start", "start", "start", "term"],
         "SIGTERM reached the app"
     );
+    assert_eq!(fs::read_to_string(&env).unwrap().trim(), "unset");
     p.stop();
 }
 

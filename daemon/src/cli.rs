@@ -198,6 +198,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::memory::keep_small();
     crate::transport::install_default_provider();
+    crate::s3::trust_system_bundle();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -279,12 +279,15 @@ impl App {
             return;
         }
         self.restart_at = None;
-        match tokio::process::Command::new("/bin/sh")
-            .arg("-c")
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c")
             .arg(format!("exec {}", self.cmd))
-            .kill_on_drop(true)
-            .spawn()
-        {
+            .kill_on_drop(true);
+        if crate::s3::cert_file_was_set() {
+            // replited's own setting; the app gets the environment replited was given.
+            cmd.env_remove("SSL_CERT_FILE");
+        }
+        match cmd.spawn() {
             Ok(c) => {
                 tracing::info!(pid = c.id().unwrap_or(0), "started the app: {}", self.cmd);
                 self.child = Some(c);

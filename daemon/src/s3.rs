@@ -90,7 +90,7 @@ static SET_CERT_FILE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicB
 
 /// rust-s3 makes a new HTTP client for every request, which reads the trusted certificates
 /// again; with neither `SSL_CERT_FILE` nor `SSL_CERT_DIR` set that is the system's bundle *and*
-/// every file of its certificate directory — the same certificates twice, 4.1 instead of 1.7 ms
+/// every file of its certificate directory — the same certificates twice, 3.8 instead of 1.5 ms
 /// of CPU per HTTPS request (docs/BENCHMARKS.md). So, with neither set, `SSL_CERT_FILE` names
 /// the bundle. Call before any thread starts (it changes the process's environment); the app
 /// replited starts gets the environment replited was given ([`cert_file_was_set`]).

@@ -85,6 +85,17 @@ impl World {
             .unwrap()
     }
 
+    /// Starts `replicate` and waits until it captures.
+    fn start_capturing(&self) -> Child {
+        let child = self.start();
+        let t = Instant::now();
+        while !self.log_text().contains("capturing") {
+            assert!(t.elapsed() < Duration::from_secs(60), "not capturing");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
     fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -169,12 +180,7 @@ fn snapshot_round_trip(s: &S3Server, mb: u64) -> (f64, f64, u64) {
 /// Requests per hour while committing at `rate` for `secs`.
 fn requests(s: &S3Server, rate: u32, secs: f64, extra: &str) -> [f64; 4] {
     let w = World::new(s, extra);
-    let child = w.start();
-    let t = Instant::now();
-    while !w.log_text().contains("capturing") {
-        assert!(t.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = w.start_capturing();
     // Start-up requests (listing, probe, first snapshot) are not counted: they are logged too,
     // so count from a baseline taken with no load.
     let conn = rusqlite::Connection::open(&w.db).unwrap();
@@ -270,12 +276,7 @@ fn request_cpu(s: &S3Server, n: u64, rounds: usize) -> (usize, Vec<f64>) {
         s,
         "compaction-interval = \"1h\"\nsnapshot-interval = \"1h\"",
     );
-    let child = w.start();
-    let t = Instant::now();
-    while !w.log_text().contains("capturing") {
-        assert!(t.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let child = w.start_capturing();
     let conn = rusqlite::Connection::open(&w.db).unwrap();
     for _ in 0..n {
         conn.execute("INSERT INTO t (v) VALUES (randomblob(100))", [])

@@ -518,17 +518,7 @@ fn stream_replica_catches_up_from_the_spool_while_s3_is_down() {
     s.stop();
     // More than the stream server's 8 MiB of recent transactions, written while the replica
     // is away and S3 cannot take them.
-    {
-        let conn = rusqlite::Connection::open(&w.db).unwrap();
-        conn.busy_timeout(Duration::from_secs(10)).unwrap();
-        conn.execute_batch("CREATE TABLE blobs (b BLOB)").unwrap();
-        for i in 0..120u32 {
-            let b: Vec<u8> = (0..100_000u32)
-                .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i) >> 13) as u8)
-                .collect();
-            conn.execute("INSERT INTO blobs VALUES (?1)", [b]).unwrap();
-        }
-    }
+    write_blobs(&w.db, 120);
     run_load(&w.db, 101, 400);
     let (r, _) = start_replica(&w, port);
     wait_converged(&w.db, &rdb, Duration::from_secs(60), &[&d, &r]);

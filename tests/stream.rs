@@ -270,17 +270,7 @@ fn a_replica_follows_write_outs_larger_than_the_stream_keeps_in_memory() {
     r.wait_for_log("caught up with the primary", Duration::from_secs(60));
     wait_equal(&c.pdb, &c.rdb, Duration::from_secs(30), &[&p, &r]);
     // 16 MB in 160 transactions, well within a second: one write-out.
-    {
-        let conn = rusqlite::Connection::open(&c.pdb).unwrap();
-        conn.busy_timeout(Duration::from_secs(10)).unwrap();
-        conn.execute_batch("CREATE TABLE blobs (b BLOB)").unwrap();
-        for i in 0..160u32 {
-            let b: Vec<u8> = (0..100_000u32)
-                .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i) >> 13) as u8)
-                .collect();
-            conn.execute("INSERT INTO blobs VALUES (?1)", [b]).unwrap();
-        }
-    }
+    write_blobs(&c.pdb, 160);
     run_load(&c.pdb, 101, 200);
     wait_equal(&c.pdb, &c.rdb, Duration::from_secs(60), &[&p, &r]);
     assert_eq!(integrity(&c.rdb), "ok");

@@ -321,22 +321,13 @@ struct Captured {
     pages: Pages,
 }
 
-impl Captured {
-    fn page_count(&self) -> usize {
-        match &self.pages {
-            Pages::Wal(refs) => refs.len(),
-            Pages::Inline(pages) => pages.len(),
-        }
-    }
-}
-
 /// Where the transactions a stream hub keeps of `batch` begin: the hub holds only the last
 /// [`RECENT_BYTES`] of transactions (at least one; replicas further behind read from storage),
 /// so the pages of the earlier ones are not copied for it.
 fn hub_tail(batch: &[Captured], page_size: usize) -> usize {
     let mut bytes = 0;
     for (i, c) in batch.iter().enumerate().rev() {
-        bytes += c.page_count() * page_size + 64;
+        bytes += c.header.page_count as usize * page_size + 64;
         if bytes > RECENT_BYTES && i + 1 < batch.len() {
             return i + 1;
         }

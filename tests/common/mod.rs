@@ -386,6 +386,20 @@ impl Drop for NotifyListener {
     }
 }
 
+/// Creates table `blobs` in `db` and commits `n` transactions of one 100 KB row each (bytes
+/// that differ row to row and compress poorly): `n` × 100 KB of pages for capture to ship.
+pub fn write_blobs(db: &Path, n: u32) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute_batch("CREATE TABLE blobs (b BLOB)").unwrap();
+    for i in 0..n {
+        let b: Vec<u8> = (0..100_000u32)
+            .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i) >> 13) as u8)
+            .collect();
+        conn.execute("INSERT INTO blobs VALUES (?1)", [b]).unwrap();
+    }
+}
+
 /// A development CA and certificates made with `replited cert` in `dir`: `ca.pem`, the
 /// primary's `primary.pem` for `sans`, and the client certificate `replica-1.pem`.
 pub fn make_certs(dir: &Path, sans: &[&str]) {

@@ -4,22 +4,28 @@
 //! Layout: the same names as a local directory, under the prefix: `ROOT/NAME/GEN/FILE`. Nothing
 //! is listed per sync: the capture thread knows what it wrote and lists only when it
 //! (re-)establishes. Files are written to a temporary file beside the database first (memory
-//! stays bounded whatever their size), then uploaded — in 5 MiB parts from 5 MiB on — with
+//! stays bounded whatever their size), then uploaded — in 5 MiB parts from 5 MiB on, each
+//! request's body read from the file as it is sent (presigned with its `Content-MD5`) — with
 //! retries (exponential backoff with jitter); `commit` returns only once the object is complete.
 //! An upload of the same name is idempotent (the names say what they hold). Reads download to a
 //! temporary file, which the reader consumes and which is gone once it is closed.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine;
+use http::{HeaderMap, HeaderName};
 use replited_core::name::FileMeta;
 use s3::creds::Credentials;
 use s3::error::S3Error;
+use s3::serde_types::Part;
 use s3::{Bucket, Region};
 
 use crate::config::S3Params;
@@ -110,25 +116,30 @@ pub fn cert_file_was_set() -> bool {
 }
 
 /// Multipart uploads from this size on, in parts of this size: S3's smallest part (all but
-/// the last), so an upload holds at most one part in memory (and rust-s3's copy of it, the
-/// request's body).
+/// the last). Parts are read from the file as they are sent ([`put_range`]), so their size
+/// costs no memory.
 const PART: u64 = 5 << 20;
 
 const CONTENT_TYPE: &str = "application/octet-stream";
 
+/// How long a presigned upload request stays valid: it is sent at once.
+const PRESIGN_SECS: u32 = 15 * 60;
+
+/// Bytes read from the file per read while uploading.
+const UPLOAD_READ: usize = 256 << 10;
+
 /// Uploads the rest of `file` (from its current position) as `key`: one PUT below [`PART`]
-/// bytes, else a multipart upload of [`PART`]-sized parts read one at a time; retried as a
-/// whole (a failed multipart upload is aborted first).
+/// bytes, else a multipart upload of [`PART`]-sized parts; retried as a whole (a failed
+/// multipart upload is aborted first). Every request streams its bytes from the file.
 fn upload(bucket: &Bucket, what: &str, key: &str, file: &mut File) -> Result<()> {
     let start = file.stream_position()?;
     let len = file.metadata()?.len().saturating_sub(start);
     let t = std::time::Instant::now();
-    let mut buf = Vec::with_capacity(len.min(PART) as usize);
+    let mut buf = vec![0; UPLOAD_READ.min(len as usize).max(1)];
     if len < PART {
-        file.read_to_end(&mut buf)?;
         retry(what, &format!("uploading {key}"), || {
             REQUESTS.put.fetch_add(1, Relaxed);
-            bucket.put_object(key, &buf).map(|_| ())
+            put_range(bucket, key, file, start, len, None, &mut buf).map(|_| ())
         })?;
         tracing::trace!(len, ms = t.elapsed().as_millis() as u64, "uploaded {key}");
         return Ok(());
@@ -137,29 +148,24 @@ fn upload(bucket: &Bucket, what: &str, key: &str, file: &mut File) -> Result<()>
         REQUESTS.put.fetch_add(1, Relaxed);
         let up = bucket.initiate_multipart_upload(key, CONTENT_TYPE)?;
         let parts = (|| {
-            file.seek(SeekFrom::Start(start)).map_err(S3Error::Io)?;
             let mut parts = Vec::new();
             for n in 1..=len.div_ceil(PART) {
-                buf.clear();
-                let want = PART.min(len - (n - 1) * PART);
-                (&mut *file)
-                    .take(want)
-                    .read_to_end(&mut buf)
-                    .map_err(S3Error::Io)?;
-                if buf.len() as u64 != want {
-                    return Err(S3Error::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("the file to upload as {key} shrank while it was uploaded"),
-                    )));
-                }
+                let off = (n - 1) * PART;
+                let want = PART.min(len - off);
                 REQUESTS.put.fetch_add(1, Relaxed);
-                parts.push(bucket.put_multipart_chunk(
-                    &buf,
-                    &up.key,
-                    n as u32,
-                    &up.upload_id,
-                    CONTENT_TYPE,
-                )?);
+                let etag = put_range(
+                    bucket,
+                    key,
+                    file,
+                    start + off,
+                    want,
+                    Some((n as u32, &up.upload_id)),
+                    &mut buf,
+                )?;
+                parts.push(Part {
+                    part_number: n as u32,
+                    etag,
+                });
             }
             REQUESTS.put.fetch_add(1, Relaxed);
             bucket.complete_multipart_upload(&up.key, &up.upload_id, parts)
@@ -172,6 +178,116 @@ fn upload(bucket: &Bucket, what: &str, key: &str, file: &mut File) -> Result<()>
     })?;
     tracing::trace!(len, ms = t.elapsed().as_millis() as u64, "uploaded {key}");
     Ok(())
+}
+
+/// PUTs `len` bytes of `file` at `start` as `key` (or as part `n` of multipart upload `id`),
+/// read from the file while they are sent: no copy of them is held in memory (rust-s3's own
+/// requests take the body as one buffer and copy it). The request is presigned by rust-s3
+/// with the bytes' `Content-MD5`, which the store checks against what it received. Returns
+/// the object's (part's) ETag.
+fn put_range(
+    bucket: &Bucket,
+    key: &str,
+    file: &File,
+    start: u64,
+    len: u64,
+    part: Option<(u32, &str)>,
+    buf: &mut [u8],
+) -> Result<String, S3Error> {
+    let mut md5 = md5::Context::new();
+    for_each_chunk(file, start, len, buf, |b| {
+        md5.consume(b);
+        Ok(())
+    })?;
+    let digest = base64::engine::general_purpose::STANDARD.encode(md5.finalize().0);
+    let mut headers = HeaderMap::new();
+    headers.insert(HeaderName::from_static("content-md5"), digest.parse()?);
+    if part.is_none() {
+        headers.insert(http::header::CONTENT_TYPE, CONTENT_TYPE.parse()?);
+    }
+    let queries = part.map(|(n, id)| {
+        HashMap::from([
+            ("partNumber".to_string(), n.to_string()),
+            ("uploadId".to_string(), id.to_string()),
+        ])
+    });
+    let url = bucket.presign_put(key, PRESIGN_SECS, Some(headers.clone()), queries)?;
+    let mut url = url::Url::parse(&url).map_err(S3Error::UrlParse)?;
+    if let Some((n, id)) = part {
+        // rust-s3 0.38's blocking presign signs the queries but leaves them out of the URL.
+        if !url.query_pairs().any(|(k, _)| k == "uploadId") {
+            url.query_pairs_mut()
+                .append_pair("partNumber", &n.to_string())
+                .append_pair("uploadId", id);
+        }
+    }
+    let mut req = attohttpc::put(url.as_str()).timeout(REQUEST_TIMEOUT);
+    for (k, v) in &headers {
+        req = req.header(k, v.clone());
+    }
+    let resp = req
+        .body(FileBody {
+            file,
+            start,
+            len,
+            buf,
+        })
+        .send()?;
+    let status = resp.status().as_u16();
+    if !resp.is_success() {
+        return Err(S3Error::HttpFailWithBody(status, resp.text()?));
+    }
+    Ok(resp
+        .headers()
+        .get("etag")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Calls `f` with `len` bytes of `file` from `start`, a buffer at a time; an error if the file
+/// ends before.
+fn for_each_chunk(
+    file: &File,
+    start: u64,
+    len: u64,
+    buf: &mut [u8],
+    mut f: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let want = buf.len().min((len - done) as usize);
+        let n = file.read_at(&mut buf[..want], start + done)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file shrank while it was uploaded",
+            ));
+        }
+        f(&buf[..n])?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// A range of a file as a request's body, read as it is written.
+struct FileBody<'a> {
+    file: &'a File,
+    start: u64,
+    len: u64,
+    buf: &'a mut [u8],
+}
+
+impl attohttpc::body::Body for FileBody<'_> {
+    fn kind(&mut self) -> io::Result<attohttpc::body::BodyKind> {
+        Ok(attohttpc::body::BodyKind::KnownLength(self.len))
+    }
+
+    fn write<W: Write>(&mut self, mut w: W) -> io::Result<()> {
+        for_each_chunk(self.file, self.start, self.len, self.buf, |b| {
+            w.write_all(b)
+        })
+    }
 }
 
 /// One database's files in a bucket.
@@ -361,9 +477,12 @@ fn retry<T>(what: &str, doing: &str, mut f: impl FnMut() -> Result<T, S3Error>) 
         match f() {
             Ok(v) => return Ok(v),
             Err(e) => {
+                // A 4xx is permanent, but for BadDigest: bytes that arrived other than they
+                // were sent (the file is read again for the next attempt).
                 let permanent = untrusted(&e)
-                    || matches!(&e, S3Error::HttpFailWithBody(code, _)
-                    if (400..500).contains(code) && *code != 408 && *code != 429);
+                    || matches!(&e, S3Error::HttpFailWithBody(code, body)
+                    if (400..500).contains(code) && *code != 408 && *code != 429
+                        && !body.contains("<Code>BadDigest</Code>"));
                 if permanent || attempt >= ATTEMPTS {
                     return Err(anyhow!("{doing} ({what}): {}", explain(&e)));
                 }

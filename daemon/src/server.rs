@@ -36,7 +36,9 @@ use crate::storage::Storage;
 use crate::transport::{self, FramedStream, ServerTls};
 
 /// Bytes of recent transactions each hub keeps in memory for replicas that are a little
-/// behind (older ones are read back from storage).
+/// behind (older ones are read back from storage). Less would save memory but leave a
+/// replica that falls behind at a high rate reading from storage, slower than the primary
+/// writes: 2 MiB was tried (docs/BENCHMARKS.md, sixth pass).
 pub const RECENT_BYTES: usize = 8 << 20;
 /// Bytes of transactions read back from storage per request.
 const HISTORY_BATCH_BYTES: usize = 4 << 20;

@@ -30,7 +30,7 @@ use crate::proto::{
 /// which it stops before the next transaction (one is always whole): the buffers
 /// between the session and the transport stay this small instead of growing to
 /// the whole window.
-pub const TRANSMIT_CHUNK: usize = 256 << 10;
+pub const TRANSMIT_CHUNK: usize = 1 << 20;
 
 /// Per-message overhead counted in the flow-control window besides page data.
 const TXN_OVERHEAD: usize = 64;

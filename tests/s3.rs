@@ -2,6 +2,8 @@
 //! signatures (s3s-fs, installed by scripts/install-s3s).
 
 mod common;
+#[path = "common/flip_front.rs"]
+mod flip_front;
 #[path = "common/tls_front.rs"]
 mod tls_front;
 
@@ -182,6 +184,35 @@ fn an_https_endpoint_is_verified_against_the_trusted_certificates() {
     assert!(o.status.success(), "restore over TLS: {}", stderr(&o));
     assert_eq!(state(&out), primary);
     assert!(front.handshakes() > 2, "{} handshakes", front.handshakes());
+}
+
+/// Every upload carries its bytes' `Content-MD5`: a body changed on its way to the store (a byte
+/// flipped in transit) is refused there (`BadDigest`) and sent again, and the backup restores
+/// equal to the database.
+#[test]
+fn an_upload_corrupted_in_transit_is_refused_and_sent_again() {
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let front = flip_front::FlipFront::start(s.endpoint.trim_start_matches("http://"), 2);
+    let w = World::new("");
+    configure(
+        &w,
+        &s3_target(&s, BUCKET, &s.secret_key).replace(&s.endpoint, &front.endpoint),
+        false,
+    );
+    let d = w.start_under(&["env", "RUST_LOG=replited=debug"], "auto");
+    run_load(&w.db, 1, 300);
+    let log = d.stop();
+    assert_eq!(front.flipped(), 2, "{log}");
+    assert!(
+        log.contains("BadDigest"),
+        "the store did not refuse a corrupted body:\n{log}"
+    );
+    // From the store directly (not through the faulty relay).
+    let out = w.path("restored.db");
+    restore_from_url(&s, &w, &out);
+    assert_eq!(integrity(&out), "ok");
+    assert_eq!(state(&out), state(&w.db));
 }
 
 /// The S3 server stopped for 30 s during a load: capture and the local directory target go on,

@@ -1,0 +1,91 @@
+//! A faulty network in front of the S3 server: a plain-TCP relay on a free 127.0.0.1 port that
+//! flips one byte in the body of the first few presigned PUTs it carries (requests whose target
+//! holds `X-Amz-Signature`: the uploads replited streams from its files), as a bad NIC or
+//! middlebox would, and relays every other byte unchanged. Declared from a test file with
+//! `#[path = "common/flip_front.rs"] mod flip_front;`.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub struct FlipFront {
+    /// `http://127.0.0.1:PORT`
+    pub endpoint: String,
+    flipped: Arc<AtomicU64>,
+}
+
+impl FlipFront {
+    /// Relays to `upstream` (HOST:PORT), corrupting the bodies of the first `n` presigned PUTs.
+    pub fn start(upstream: &str, n: u64) -> FlipFront {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let flipped = Arc::new(AtomicU64::new(0));
+        let (f, upstream) = (flipped.clone(), upstream.to_string());
+        std::thread::spawn(move || {
+            for c in listener.incoming().flatten() {
+                let (f, upstream) = (f.clone(), upstream.clone());
+                std::thread::spawn(move || {
+                    let _ = relay(c, &upstream, &f, n);
+                });
+            }
+        });
+        FlipFront { endpoint, flipped }
+    }
+
+    /// Request bodies corrupted so far.
+    pub fn flipped(&self) -> u64 {
+        self.flipped.load(Ordering::SeqCst)
+    }
+}
+
+/// One connection (one request: replited's client opens one per request): reads the request's
+/// head, flips the body's first byte when it is a presigned PUT and the budget allows, then
+/// copies both ways until either side closes.
+fn relay(mut c: TcpStream, upstream: &str, flipped: &AtomicU64, n: u64) -> std::io::Result<()> {
+    let mut up = TcpStream::connect(upstream)?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    let head_end = loop {
+        let k = c.read(&mut chunk)?;
+        if k == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..k]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let first_line =
+        String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap()]).into_owned();
+    if first_line.starts_with("PUT ") && first_line.contains("X-Amz-Signature") {
+        // Wait for the body's first byte, then spend one unit of the budget on it.
+        while buf.len() == head_end {
+            let k = c.read(&mut chunk)?;
+            if k == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..k]);
+        }
+        if buf.len() > head_end
+            && flipped
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                    (v < n).then_some(v + 1)
+                })
+                .is_ok()
+        {
+            buf[head_end] ^= 0x5a;
+        }
+    }
+    up.write_all(&buf)?;
+    let (mut c2, mut up2) = (c.try_clone()?, up.try_clone()?);
+    let back = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut up2, &mut c2);
+        let _ = c2.shutdown(Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut c, &mut up);
+    let _ = up.shutdown(Shutdown::Write);
+    let _ = back.join();
+    Ok(())
+}

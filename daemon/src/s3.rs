@@ -162,6 +162,11 @@ fn upload(bucket: &Bucket, what: &str, key: &str, file: &mut File) -> Result<()>
                     Some((n as u32, &up.upload_id)),
                     &mut buf,
                 )?;
+                if etag.is_empty() {
+                    return Err(S3Error::Io(io::Error::other(format!(
+                        "the store answered part {n} of {key} without an ETag"
+                    ))));
+                }
                 parts.push(Part {
                     part_number: n as u32,
                     etag,

@@ -250,8 +250,8 @@ fn put_range(
         .to_string())
 }
 
-/// Calls `f` with `len` bytes of `file` from `start`, a buffer at a time; an error if the file
-/// ends before.
+/// Calls `f` with `len` bytes of `file` from `start`, a whole buffer at a time (so a range that
+/// fits in `buf` is left in it); an error if the file ends before.
 fn for_each_chunk(
     file: &File,
     start: u64,
@@ -261,21 +261,25 @@ fn for_each_chunk(
 ) -> io::Result<()> {
     let mut done = 0;
     while done < len {
-        let want = buf.len().min((len - done) as usize);
-        let n = file.read_at(&mut buf[..want], start + done)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the file shrank while it was uploaded",
-            ));
-        }
-        f(&buf[..n])?;
-        done += n as u64;
+        let n = buf.len().min((len - done) as usize);
+        let chunk = &mut buf[..n];
+        file.read_exact_at(chunk, start + done)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the file shrank while it was uploaded",
+                ),
+                _ => e,
+            })?;
+        f(chunk)?;
+        done += chunk.len() as u64;
     }
     Ok(())
 }
 
-/// A range of a file as a request's body, read as it is written.
+/// A range of a file as a request's body, read as it is written — or, for a range that fit in
+/// `buf` (most files: one write-out's transactions), the bytes `buf` already holds from the
+/// digest's pass, not read a second time.
 struct FileBody<'a> {
     file: &'a File,
     start: u64,
@@ -289,6 +293,9 @@ impl attohttpc::body::Body for FileBody<'_> {
     }
 
     fn write<W: Write>(&mut self, mut w: W) -> io::Result<()> {
+        if self.len as usize <= self.buf.len() {
+            return w.write_all(&self.buf[..self.len as usize]);
+        }
         for_each_chunk(self.file, self.start, self.len, self.buf, |b| {
             w.write_all(b)
         })

@@ -29,8 +29,9 @@ use crate::proto::{
 /// Bytes of frames [`PrimarySession::poll_transmit`] hands out per call, past
 /// which it stops before the next transaction (one is always whole): the buffers
 /// between the session and the transport stay this small instead of growing to
-/// the whole window.
-pub const TRANSMIT_CHUNK: usize = 1 << 20;
+/// the whole window. (At 1 MiB the two buffers, swapped between the session and
+/// the daemon, each grew to 2 MiB on a busy primary.)
+pub const TRANSMIT_CHUNK: usize = 256 << 10;
 
 /// Per-message overhead counted in the flow-control window besides page data.
 const TXN_OVERHEAD: usize = 64;

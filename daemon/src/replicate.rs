@@ -443,11 +443,15 @@ pub struct Replicator {
     shm: Option<std::fs::File>,
 }
 
-/// Frames read at once at most, and at first.
-const READ_FRAMES: usize = 256;
+/// Frames read at once at most, and at first. With [`PAGE_BATCH`] and [`FLUSH_BYTES`]: the
+/// capture thread's buffers stay at 256 KiB each (4 KiB pages) — 1 MiB each cost a busy
+/// primary ~3 MB of peak RSS and saved no measurable time (docs/BENCHMARKS.md, seventh pass).
+const READ_FRAMES: usize = 64;
 const FIRST_READ_FRAMES: usize = 4;
-const PAGE_BATCH: usize = 256;
-const FLUSH_BYTES: usize = 1 << 20;
+/// Pages of a batch read back from the WAL at once (one io_uring submission).
+const PAGE_BATCH: usize = 64;
+/// Bytes of an encoded segment gathered before they are written to the targets.
+const FLUSH_BYTES: usize = 256 << 10;
 const PENDING_RECHECK: Duration = Duration::from_secs(1);
 /// How often the loop looks for a commit being published (after its frames were written).
 const REPOLL: Duration = Duration::from_millis(1);

@@ -16,6 +16,8 @@
 //! 1 GB restore; an idle minute (`REPLITED_IDLE_SECS=3600` for the hour). Sizes:
 //! `REPLITED_BENCH_SECS` (default 10), `REPLITED_BENCH_ROUNDS` (2), `REPLITED_RESTORE_MB`
 //! (1024). A peer that is absent or fails gets "n/a (reason)"; replited failing fails the run.
+//! The report ends with issue 8's targets and whether this run met them;
+//! `REPLITED_BENCH_STRICT=1` fails the run on a target missed.
 //!
 //! The markdown report goes to stdout and to target/bench-peers.md. `cargo bench -- --test`
 //! runs a tiny version of everything.
@@ -177,6 +179,8 @@ struct World {
     report: String,
     /// replited's failures: the run fails once the report is written.
     failures: RefCell<Vec<String>>,
+    /// Issue 8's targets as this run measured them, in the order met.
+    targets: RefCell<Vec<Verdict>>,
     notes: RefCell<Vec<String>>,
     load_start: RefCell<String>,
 }
@@ -258,6 +262,7 @@ impl World {
             buckets: Counter::new(0),
             report: String::new(),
             failures: RefCell::new(Vec::new()),
+            targets: RefCell::new(Vec::new()),
             notes: RefCell::new(Vec::new()),
             load_start: RefCell::new(String::new()),
         }
@@ -382,6 +387,15 @@ impl World {
         self.notes.borrow_mut().push(s);
     }
 
+    /// Records how a target fared: `met` is None when the figure is missing (a peer absent).
+    fn verdict(&self, target: String, measured: String, met: Option<bool>) {
+        self.targets.borrow_mut().push(Verdict {
+            target,
+            measured,
+            met,
+        });
+    }
+
     /// The notes gathered since the last table, as a list.
     fn take_notes(&self) -> String {
         self.notes
@@ -390,6 +404,53 @@ impl World {
             .map(|n| format!("\n- {n}\n"))
             .collect()
     }
+}
+
+/// One of the targets (issue 8), as this run measured it.
+struct Verdict {
+    target: String,
+    measured: String,
+    met: Option<bool>,
+}
+
+/// The verdict on `c` against `ok`, with the figure and its unit.
+fn against(c: &Cell, prec: usize, unit: &str, ok: impl Fn(f64) -> bool) -> (String, Option<bool>) {
+    match c {
+        Ok(v) => (
+            format!("{} {unit}", cell(c, prec)).trim().to_string(),
+            Some(ok(*v)),
+        ),
+        Err(_) => (cell(c, prec), None),
+    }
+}
+
+/// The table of verdicts; with `REPLITED_BENCH_STRICT=1` a target missed fails the run.
+fn targets(w: &mut World) {
+    let verdicts = std::mem::take(&mut *w.targets.borrow_mut());
+    if verdicts.is_empty() {
+        return;
+    }
+    let strict = std::env::var("REPLITED_BENCH_STRICT").is_ok_and(|v| v == "1");
+    let mut t = String::from(
+        "\n### The targets, as this run measured them\n\n| target | measured | verdict |\n|---|---|---|\n",
+    );
+    for v in &verdicts {
+        let verdict = match v.met {
+            Some(true) => "met",
+            Some(false) => "**not met**",
+            None => "n/a",
+        };
+        let _ = writeln!(t, "| {} | {} | {verdict} |", v.target, v.measured);
+        if strict && v.met == Some(false) {
+            w.failures
+                .borrow_mut()
+                .push(format!("target not met: {}: {}", v.target, v.measured));
+        }
+    }
+    if w.opts.test {
+        t.push_str("\n(`--test`: tiny sizes and rates; the verdicts only show that each figure is there.)\n");
+    }
+    w.out(&t);
 }
 
 /// A tool running: primary and replica (in `pair`), and what observes it.
@@ -841,8 +902,60 @@ fn rates(w: &mut World) {
         notes.push_str(&w.take_notes());
         w.out(&t);
         w.out(&notes);
+        // The targets are set at 1,000 tx/s (the one rate of a `--test` run).
+        if rate == 1000 || w.opts.test {
+            rate_verdicts(w, rate, &runs);
+        }
     }
     sustained(w, &tools);
+}
+
+/// Lag p99 < 10 ms and ten times lower than every peer's; < 5 % of a core.
+fn rate_verdicts(w: &World, rate: u32, runs: &[(Tool, Vec<Result<RateRun, String>>)]) {
+    let p99 = |tool: Tool| -> Cell {
+        runs.iter().find(|(t, _)| *t == tool).map_or_else(
+            || Err("not run".to_string()),
+            |(_, rs)| over(rs, |r| r.visible.1.clone()),
+        )
+    };
+    let ours = p99(Tool::Ours);
+    let (measured, met) = against(&ours, 2, "ms", |v| v < 10.0);
+    w.verdict(
+        format!(
+            "replica lag p99 < 10 ms at {rate} tx/s on loopback ({})",
+            Tool::Ours.label()
+        ),
+        measured,
+        met,
+    );
+    for peer in [Tool::Fork, Tool::Walrust] {
+        let theirs = p99(peer);
+        let ratio = match (&ours, &theirs) {
+            (Ok(o), Ok(t)) => Ok(t / o),
+            (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+        };
+        let (mut measured, met) = against(&ratio, 0, "×", |r| r >= 10.0);
+        if let Ok(t) = &theirs {
+            let _ = write!(measured, " (its p99 {t:.2} ms)");
+        }
+        w.verdict(
+            format!("… ten times lower than {}", peer.label()),
+            measured,
+            met,
+        );
+    }
+    for (tool, rs) in runs.iter().filter(|(t, _)| t.ours()) {
+        let cpu = over(rs, |r| Ok(r.usage.cpu_primary));
+        let (measured, met) = against(&cpu, 1, "%", |c| c < 5.0);
+        w.verdict(
+            format!(
+                "primary CPU < 5 % of a core at {rate} tx/s ({})",
+                tool.label()
+            ),
+            measured,
+            met,
+        );
+    }
 }
 
 /// replited must have every figure: a missing one is marked FAILED and recorded (with
@@ -960,6 +1073,18 @@ fn sustained(w: &mut World, tools: &[Tool]) {
             (Ok(v), Ok(a)) => Ok(v / a),
             _ => Err(String::new()),
         };
+        if *tool == Tool::Ours {
+            let (mut measured, met) = against(&vis, 0, "tx/s", |v| v >= 20_000.0);
+            let _ = write!(measured, " ({} of SQLite alone)", cell(&ratio, 2));
+            w.verdict(
+                format!(
+                    "≥ 20,000 single-row tx/s replicated, all visible on the replica ({})",
+                    tool.label()
+                ),
+                measured,
+                met,
+            );
+        }
         t.push_str(&row(
             tool.label(),
             rs,
@@ -1415,6 +1540,22 @@ fn restore_table(w: &World) -> (String, String) {
             (Ok(a), Ok(b)) => Ok(a / b),
             _ => Err(String::new()),
         };
+        if x.tool == Some(Tool::Ours) {
+            if x.name.contains("local directory") {
+                let (measured, met) = against(&ratio, 2, "of `cp`", |r| r >= 0.8);
+                w.verdict(
+                    format!("restore ≥ 80 % of `cp`'s throughput, the same {size:.0} MB on the local disk"),
+                    measured,
+                    met,
+                );
+            }
+            let (measured, met) = against(&med(&rss[i]), 1, "MB", |r| r < 30.0);
+            w.verdict(
+                format!("peak RSS < 30 MB for a {size:.0} MB database: {}", x.name),
+                measured,
+                met,
+            );
+        }
         let backup = match &x.backup {
             Err(e) if e == "—" => "—".to_string(),
             b => cell(b, 0),
@@ -1595,6 +1736,22 @@ fn idle(w: &mut World) {
                     / r.usage.secs),
             })
         };
+        if *tool == Tool::Ours {
+            let cpu = over(rs, |r| Ok(r.usage.cpu_primary));
+            let (measured, met) = against(&cpu, 2, "%", |c| c < 0.1);
+            w.verdict(
+                format!("idle: primary CPU < 0.1 % of a core ({})", tool.label()),
+                measured,
+                met,
+            );
+            let (measured, met) = against(&per_hour(false), 0, "per hour", |r| r <= 60.0);
+            w.verdict(
+                "idle: object-store requests no more than a bounded heartbeat (≤ 60 per hour)"
+                    .to_string(),
+                measured,
+                met,
+            );
+        }
         t.push_str(&row(
             tool.label(),
             rs,
@@ -1664,7 +1821,9 @@ fn method(w: &mut World) {
          starts a new generation every few seconds under load and its replica restores again \
          each time.\n\
          - A peer that is absent or fails gets \"n/a (reason)\"; a figure replited misses is \
-         marked FAILED and fails the run once this report is written.{}\n",
+         marked FAILED and fails the run once this report is written. The report ends with the \
+         targets and whether this run met them (`REPLITED_BENCH_STRICT=1`: a target missed \
+         fails the run too).{}\n",
         if w.opts.test {
             " (`--test`: tiny sizes, one round, no `sync-interval` row.)"
         } else {
@@ -1695,6 +1854,7 @@ fn main() {
     if w.opts.runs("idle") {
         idle(&mut w);
     }
+    targets(&mut w);
     let end = format!(
         "\nWhole run: {:.0} s; load average at the end: {}\n",
         started.elapsed().as_secs_f64(),

@@ -91,7 +91,7 @@ pub struct FsStorage {
 }
 
 /// The subdirectory of emptied files waiting to be reused.
-const RECYCLE: &str = ".recycle";
+pub(crate) const RECYCLE: &str = ".recycle";
 /// At most this many emptied files wait (empty files: a few MB of inodes and names at most);
 /// more deletions than that between creations really delete.
 const RECYCLE_MAX: usize = 16384;
@@ -100,7 +100,7 @@ const RECYCLE_MAX: usize = 16384;
 const RECYCLE_SIZE: u64 = 1 << 20;
 /// An emptied file is reused no sooner than this after its deletion, so a reader that opened it
 /// just before does not find another file's bytes in it (it finds it emptied, and retries).
-const REUSE_AFTER: Duration = Duration::from_secs(2);
+pub(crate) const REUSE_AFTER: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
 struct Recycled {
@@ -165,6 +165,15 @@ impl FsStorage {
             }
         }
         false
+    }
+
+    /// Deletes the file at `p` under this directory: a small one is emptied into the recycled
+    /// files (its inode serves a file created later), a large one removed.
+    pub fn discard(&self, p: &Path) -> io::Result<()> {
+        match self.recycle(p) {
+            Ok(true) => Ok(()),
+            _ => fs::remove_file(p),
+        }
     }
 
     /// Deletes the file at `p` by emptying it into the recycled files (Ok(false): there is no
@@ -346,11 +355,7 @@ impl Storage for FsStorage {
         let mut dirs = std::collections::BTreeSet::new();
         for m in metas {
             let p = self.path(m);
-            let removed = match self.recycle(&p) {
-                Ok(true) => Ok(()),
-                _ => fs::remove_file(&p),
-            };
-            match removed {
+            match self.discard(&p) {
                 Ok(()) => {
                     dirs.insert(p.parent().expect("object path has a parent").to_path_buf());
                 }

@@ -215,6 +215,99 @@ fn an_upload_corrupted_in_transit_is_refused_and_sent_again() {
     assert_eq!(state(&out), state(&w.db));
 }
 
+/// Requests a primary sent, from the count it logs at exit: (PUT, DELETE).
+fn requests_sent(log: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("S3 requests sent"))
+        .unwrap_or_else(|| panic!("no request counts logged:\n{log}"));
+    let count = |kind: &str| -> u64 {
+        let rest = line.split(&format!("{kind} ")).nth(1).unwrap();
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (count("PUT"), count("DELETE"))
+}
+
+/// Single-row commits, one object each, then compaction merging them; returns the primary's
+/// log and how many objects were deleted (uploaded but no longer in the bucket).
+fn load_and_compact(s: &S3Server, endpoint: &str) -> (World, String, u64) {
+    let w = World::new("compaction-interval = \"1s\"");
+    configure(
+        &w,
+        &s3_target(s, BUCKET, &s.secret_key).replace(&s.endpoint, endpoint),
+        false,
+    );
+    let d = w.start("auto");
+    wait_ok(spawn_load(&w.db, 1, 600, &["--rate", "300"]));
+    let level0 = || {
+        s.keys(BUCKET)
+            .iter()
+            .filter(|k| k.ends_with(".l0.seg"))
+            .count()
+    };
+    let start = std::time::Instant::now();
+    while level0() > 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{} level-0 objects still in the bucket\n{}",
+            level0(),
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = d.stop();
+    let (put, _) = requests_sent(&log);
+    let deleted = put - s.keys(BUCKET).len() as u64;
+    // The bucket alone restores to the primary.
+    let out = w.path("restored.db");
+    restore_from_url(s, &w, &out);
+    assert_eq!(state(&out), state(&w.db));
+    (w, log, deleted)
+}
+
+/// Compaction deletes the objects it merged up to a thousand to a request (DeleteObjects), not
+/// one request each: requests are what a store bills, and each costs the primary CPU.
+#[test]
+fn compaction_deletes_merged_objects_in_batches() {
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let (_w, log, deleted) = load_and_compact(&s, &s.endpoint);
+    let (_, delete) = requests_sent(&log);
+    assert!(deleted >= 100, "{deleted} objects deleted\n{log}");
+    assert!(
+        delete * 10 <= deleted,
+        "{delete} DELETE requests for {deleted} objects\n{log}"
+    );
+}
+
+/// A store that does not implement DeleteObjects (answering 501 NotImplemented) gets the
+/// merged objects deleted one request each, after one refused batch: said once in the log,
+/// nothing left behind.
+#[test]
+fn a_store_without_multi_object_delete_gets_one_request_per_object() {
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let front =
+        flip_front::FlipFront::refusing_bulk_delete(s.endpoint.trim_start_matches("http://"));
+    let (_w, log, deleted) = load_and_compact(&s, &front.endpoint);
+    let (_, delete) = requests_sent(&log);
+    assert_eq!(front.refused(), 1, "{log}");
+    assert_eq!(
+        log.matches("multi-object delete not implemented").count(),
+        1,
+        "{log}"
+    );
+    assert!(deleted >= 100, "{deleted} objects deleted\n{log}");
+    assert!(
+        delete > deleted,
+        "{delete} DELETE requests for {deleted} objects\n{log}"
+    );
+}
+
 /// The S3 server stopped for 30 s during a load: capture and the local directory target go on,
 /// the files wait in the spool, the backlog drains once S3 is back, and a restore from the
 /// bucket alone equals the primary.

@@ -15,8 +15,8 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -25,7 +25,7 @@ use http::{HeaderMap, HeaderName};
 use replited_core::name::FileMeta;
 use s3::creds::Credentials;
 use s3::error::S3Error;
-use s3::serde_types::Part;
+use s3::serde_types::{ObjectIdentifier, Part};
 use s3::{Bucket, Region};
 
 use crate::config::S3Params;
@@ -310,6 +310,9 @@ pub struct S3Storage {
     endpoint: String,
     /// Where temporary files go.
     spool: PathBuf,
+    /// Set once the store answered a multi-object delete with "not implemented": files are
+    /// then deleted one request each.
+    one_by_one: AtomicBool,
 }
 
 /// Where a value comes from: the config, else an environment variable.
@@ -388,6 +391,7 @@ impl S3Storage {
             prefix,
             endpoint,
             spool: spool.to_path_buf(),
+            one_by_one: AtomicBool::new(false),
         })
     }
 
@@ -492,6 +496,7 @@ fn retry<T>(what: &str, doing: &str, mut f: impl FnMut() -> Result<T, S3Error>) 
                 // A 4xx is permanent, but for BadDigest: bytes that arrived other than they
                 // were sent (the file is read again for the next attempt).
                 let permanent = untrusted(&e)
+                    || not_implemented(&e)
                     || matches!(&e, S3Error::HttpFailWithBody(code, body)
                     if (400..500).contains(code) && *code != 408 && *code != 429
                         && !body.contains("<Code>BadDigest</Code>"));
@@ -542,6 +547,12 @@ fn explain(e: &S3Error) -> String {
     }
 }
 
+/// A request the store does not implement (some S3-compatible stores lack DeleteObjects).
+fn not_implemented(e: &S3Error) -> bool {
+    matches!(e, S3Error::HttpFailWithBody(code, body)
+        if *code == 501 || body.contains("<Code>NotImplemented</Code>"))
+}
+
 /// A TLS certificate the client does not accept: asking again will not change it.
 fn untrusted(e: &S3Error) -> bool {
     matches!(e, S3Error::Atto(_)) && e.to_string().contains("invalid peer certificate")
@@ -580,6 +591,40 @@ impl ObjectWriter for S3Writer {
 }
 
 impl S3Storage {
+    /// Deletes `metas` with DeleteObjects requests of up to 1,000 keys; a key the store
+    /// reports it could not delete (but for one already gone) is an error naming it.
+    /// `Ok(Some(why))`: the store does not implement DeleteObjects, nothing was deleted.
+    fn delete_many(&self, metas: &[FileMeta]) -> Result<Option<String>> {
+        let keys: Vec<ObjectIdentifier> = metas
+            .iter()
+            .map(|m| ObjectIdentifier::new(self.key(m)))
+            .collect();
+        let mut unsupported = None;
+        let done = self.retry(&format!("deleting {} objects", keys.len()), || {
+            REQUESTS
+                .delete
+                .fetch_add(keys.len().div_ceil(1000) as u64, Relaxed);
+            self.bucket.delete_objects(keys.clone()).inspect_err(|e| {
+                if not_implemented(e) {
+                    unsupported = Some(explain(e));
+                }
+            })
+        });
+        if unsupported.is_some() {
+            return Ok(unsupported);
+        }
+        match done?.errors.iter().find(|e| e.code != "NoSuchKey") {
+            Some(e) => bail!(
+                "deleting {} ({}): the store refused it: {} {}",
+                e.key,
+                self.what(),
+                e.code,
+                e.message
+            ),
+            None => Ok(None),
+        }
+    }
+
     /// Proves the bucket can be listed (a replica following it only reads).
     pub fn check_readable(&self) -> Result<()> {
         self.retry("listing", || {
@@ -678,7 +723,22 @@ impl Storage for S3Storage {
         Ok(Box::new(io::BufReader::with_capacity(1 << 20, file)))
     }
 
+    /// Compaction deletes the files it merged together: up to 1,000 per request
+    /// (DeleteObjects), else — a store that does not implement it — one request each.
     fn delete(&self, metas: &[FileMeta]) -> Result<()> {
+        if metas.len() > 1 && !self.one_by_one.load(Relaxed) {
+            match self.delete_many(metas)? {
+                None => return Ok(()),
+                Some(why) => {
+                    tracing::info!(
+                        "{}: multi-object delete not implemented ({why}); deleting one object \
+                         per request",
+                        self.describe()
+                    );
+                    self.one_by_one.store(true, Relaxed);
+                }
+            }
+        }
         for m in metas {
             let key = self.key(m);
             match self.retry(&format!("deleting {key}"), || {

@@ -1,7 +1,9 @@
 //! A faulty network in front of the S3 server: a plain-TCP relay on a free 127.0.0.1 port that
 //! flips one byte in the body of the first few presigned PUTs it carries (requests whose target
 //! holds `X-Amz-Signature`: the uploads replited streams from its files), as a bad NIC or
-//! middlebox would, and relays every other byte unchanged. Declared from a test file with
+//! middlebox would, and relays every other byte unchanged — or, started with
+//! [`FlipFront::refusing_bulk_delete`], plays a store without DeleteObjects: a multi-object
+//! delete (`POST …?delete`) is answered `501 NotImplemented`. Declared from a test file with
 //! `#[path = "common/flip_front.rs"] mod flip_front;`.
 #![allow(dead_code)]
 
@@ -14,24 +16,44 @@ pub struct FlipFront {
     /// `http://127.0.0.1:PORT`
     pub endpoint: String,
     flipped: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
 }
 
 impl FlipFront {
     /// Relays to `upstream` (HOST:PORT), corrupting the bodies of the first `n` presigned PUTs.
     pub fn start(upstream: &str, n: u64) -> FlipFront {
+        FlipFront::with(upstream, n, false)
+    }
+
+    /// Relays to `upstream` (HOST:PORT) unchanged but for multi-object deletes, refused.
+    pub fn refusing_bulk_delete(upstream: &str) -> FlipFront {
+        FlipFront::with(upstream, 0, true)
+    }
+
+    fn with(upstream: &str, n: u64, refuse: bool) -> FlipFront {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let flipped = Arc::new(AtomicU64::new(0));
-        let (f, upstream) = (flipped.clone(), upstream.to_string());
+        let refused = Arc::new(AtomicU64::new(0));
+        let (f, r, upstream) = (flipped.clone(), refused.clone(), upstream.to_string());
         std::thread::spawn(move || {
             for c in listener.incoming().flatten() {
-                let (f, upstream) = (f.clone(), upstream.clone());
+                let (f, r, upstream) = (f.clone(), r.clone(), upstream.clone());
                 std::thread::spawn(move || {
-                    let _ = relay(c, &upstream, &f, n);
+                    let _ = relay(c, &upstream, &f, n, refuse.then_some(&*r));
                 });
             }
         });
-        FlipFront { endpoint, flipped }
+        FlipFront {
+            endpoint,
+            flipped,
+            refused,
+        }
+    }
+
+    /// Multi-object deletes refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::SeqCst)
     }
 
     /// Request bodies corrupted so far.
@@ -42,8 +64,15 @@ impl FlipFront {
 
 /// One connection (one request: replited's client opens one per request): reads the request's
 /// head, flips the body's first byte when it is a presigned PUT and the budget allows, then
-/// copies both ways until either side closes.
-fn relay(mut c: TcpStream, upstream: &str, flipped: &AtomicU64, n: u64) -> std::io::Result<()> {
+/// copies both ways until either side closes. With `refused`, a multi-object delete is answered
+/// 501 (and counted) instead.
+fn relay(
+    mut c: TcpStream,
+    upstream: &str,
+    flipped: &AtomicU64,
+    n: u64,
+    refused: Option<&AtomicU64>,
+) -> std::io::Result<()> {
     let mut up = TcpStream::connect(upstream)?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 << 10];
@@ -59,6 +88,24 @@ fn relay(mut c: TcpStream, upstream: &str, flipped: &AtomicU64, n: u64) -> std::
     };
     let first_line =
         String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap()]).into_owned();
+    if let Some(refused) = refused.filter(|_| {
+        first_line.starts_with("POST ")
+            && first_line
+                .split(' ')
+                .nth(1)
+                .is_some_and(|t| t.contains("?delete"))
+    }) {
+        refused.fetch_add(1, Ordering::SeqCst);
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>NotImplemented</Code>\
+                    <Message>A header or query you provided requires functionality that is not \
+                    implemented.</Message></Error>";
+        return write!(
+            c,
+            "HTTP/1.1 501 Not Implemented\r\nContent-Type: application/xml\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
     if first_line.starts_with("PUT ") && first_line.contains("X-Amz-Signature") {
         // Wait for the body's first byte, then spend one unit of the budget on it.
         while buf.len() == head_end {

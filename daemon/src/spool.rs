@@ -589,36 +589,43 @@ impl Storage for SpoolStorage {
     }
 
     fn delete(&self, metas: &[FileMeta]) -> Result<()> {
-        let mut q = self.shared.q.lock().expect("spool lock");
         // Files still waiting are simply dropped; the rest are deleted remotely, in order
-        // behind the uploads (the one being uploaded included).
+        // behind the uploads (the one being uploaded included). The local files go once the
+        // lock is released (capture takes it to spool its next file).
+        let mut waiting = Vec::new();
         let mut remote = Vec::new();
-        for m in metas {
-            let pos = q
-                .jobs
-                .iter()
-                .position(|j| matches!(j, Job::Upload(x, _) if x == m));
-            match pos {
-                Some(i) => {
-                    if let Some(Job::Upload(_, len)) = q.jobs.remove(i) {
-                        q.bytes -= len;
-                    }
-                    let _ = self.local.discard(&self.path(m));
-                }
-                None => {
-                    let p = self.path(m);
-                    if self.local.discard(&uploaded(&p)).is_ok() {
-                        if let Some(d) = p.parent() {
-                            let _ = fs::remove_dir(d);
+        {
+            let mut q = self.shared.q.lock().expect("spool lock");
+            for m in metas {
+                let pos = q
+                    .jobs
+                    .iter()
+                    .position(|j| matches!(j, Job::Upload(x, _) if x == m));
+                match pos {
+                    Some(i) => {
+                        if let Some(Job::Upload(_, len)) = q.jobs.remove(i) {
+                            q.bytes -= len;
                         }
+                        waiting.push(self.path(m));
                     }
-                    remote.push(*m)
+                    None => remote.push(*m),
                 }
             }
+            if !remote.is_empty() {
+                q.jobs.push_back(Job::Delete(remote.clone()));
+                self.shared.cv.notify_all();
+            }
         }
-        if !remote.is_empty() {
-            q.jobs.push_back(Job::Delete(remote));
-            self.shared.cv.notify_all();
+        for p in waiting {
+            let _ = self.local.discard(&p);
+        }
+        for m in &remote {
+            let p = self.path(m);
+            if self.local.discard(&uploaded(&p)).is_ok() {
+                if let Some(d) = p.parent() {
+                    let _ = fs::remove_dir(d);
+                }
+            }
         }
         Ok(())
     }

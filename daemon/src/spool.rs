@@ -354,16 +354,27 @@ fn merged(mut all: Vec<FileMeta>, waiting: Vec<FileMeta>) -> Vec<FileMeta> {
 }
 
 /// A file from the spool at `p` (waiting, or its copy kept after the upload), else from the
-/// store.
+/// store. A small file is read whole at once: once deleted (compaction) it is emptied for reuse,
+/// so one found empty or cut short is read from the store instead (where it still is, or is
+/// gone too: then the reader lists again) — never half a file.
 fn open_local_or_stored(
     p: &Path,
     meta: &FileMeta,
     store: &dyn Storage,
 ) -> Result<Box<dyn Read + Send>> {
-    match File::open(p).or_else(|_| File::open(uploaded(p))) {
-        Ok(f) => Ok(Box::new(io::BufReader::with_capacity(1 << 20, f))),
-        Err(_) => store.open(meta),
+    let Ok(f) = File::open(p).or_else(|_| File::open(uploaded(p))) else {
+        return store.open(meta);
+    };
+    let len = f.metadata()?.len();
+    if len > crate::storage::RECYCLE_SIZE {
+        return Ok(Box::new(io::BufReader::with_capacity(1 << 20, f)));
     }
+    let mut whole = Vec::with_capacity(len as usize);
+    (&f).take(len).read_to_end(&mut whole)?;
+    if len == 0 || whole.len() as u64 != len {
+        return store.open(meta);
+    }
+    Ok(Box::new(io::Cursor::new(whole)))
 }
 
 /// A read-only view of the spool that a capture running beside keeps for a store, and of
@@ -785,5 +796,54 @@ mod tests {
         )
         .unwrap();
         assert!(again.spooled().is_empty());
+    }
+
+    /// A spooled copy emptied under a reader (compaction deleted it, the spool recycles it) is
+    /// read from the store, whole, not as an empty or short file.
+    #[test]
+    fn a_copy_emptied_for_reuse_is_read_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = SpoolStorage::new(
+            Box::new(FsStorage::at(dir.path().join("store"))),
+            dir.path().join("spool"),
+            1 << 20,
+            ("d", "s"),
+        )
+        .unwrap();
+        let meta = FileMeta {
+            kind: Kind::Segment,
+            generation: 1,
+            level: 0,
+            first_txid: 2,
+            last_txid: 2,
+            first_time_ms: 1,
+            last_time_ms: 1,
+        };
+        spool.put(&meta, b"segment").unwrap();
+        let up = uploaded(&spool.path(&meta));
+        let start = Instant::now();
+        while !up.exists() {
+            assert!(start.elapsed() < Duration::from_secs(10), "not uploaded");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let read = |s: &dyn Storage| {
+            let mut v = Vec::new();
+            s.open(&meta).unwrap().read_to_end(&mut v).unwrap();
+            v
+        };
+        assert_eq!(read(&spool), b"segment");
+        // Emptied as `discard` empties it, before it is renamed away.
+        File::options()
+            .write(true)
+            .open(&up)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert_eq!(read(&spool), b"segment");
+        let view = SpoolView::new(
+            Box::new(FsStorage::at(dir.path().join("store"))),
+            dir.path().join("spool"),
+        );
+        assert_eq!(read(&view), b"segment");
     }
 }

@@ -97,7 +97,7 @@ pub(crate) const RECYCLE: &str = ".recycle";
 const RECYCLE_MAX: usize = 16384;
 /// Only files up to this size are recycled: the small per-commit segments that come and go by
 /// the thousand. Larger ones (snapshots, merged segments) may be read for longer.
-const RECYCLE_SIZE: u64 = 1 << 20;
+pub(crate) const RECYCLE_SIZE: u64 = 1 << 20;
 /// An emptied file is reused no sooner than this after its deletion, so a reader that opened it
 /// just before does not find another file's bytes in it (it finds it emptied, and retries).
 pub(crate) const REUSE_AFTER: Duration = Duration::from_secs(2);

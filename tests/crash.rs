@@ -409,10 +409,7 @@ fn primary_round(variant: usize, kills: usize, rng: &mut Rng, exp: &Expected, t:
                 let again = w.start("auto");
                 let spool = w.dir.path().join(".data.db-replited-spool/s3");
                 let t0 = Instant::now();
-                while walk(&spool)
-                    .iter()
-                    .any(|p| !p.to_string_lossy().ends_with(".up"))
-                {
+                while !spooled(&walk(&spool)).is_empty() {
                     if t0.elapsed() > Duration::from_secs(120) {
                         return Err("the spool did not drain at the next start".into());
                     }

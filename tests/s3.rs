@@ -373,10 +373,7 @@ fn s3_outage_during_a_load_loses_nothing() {
 
 /// Files waiting for upload in a spool (not the `.up` copies of uploaded ones).
 fn waiting(spool: &std::path::Path) -> usize {
-    walk(spool)
-        .iter()
-        .filter(|p| !p.to_string_lossy().ends_with(".up"))
-        .count()
+    spooled(&walk(spool)).len()
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -356,10 +356,7 @@ impl S3Rig {
 
     /// Files waiting for upload.
     fn waiting(&self) -> usize {
-        walk(&self.spool)
-            .iter()
-            .filter(|p| !p.to_string_lossy().ends_with(".up"))
-            .count()
+        spooled(&walk(&self.spool)).len()
     }
 
     fn restore_from_bucket(&self, n: u64) {

@@ -17,6 +17,18 @@ pub fn bin() -> &'static str {
 }
 
 /// The repository's root.
+/// Of the files under an S3 target's spool, those waiting for upload: not the `.up` copies kept
+/// after an upload, nor the emptied files kept in `.recycle/` for reuse.
+pub fn spooled(files: &[PathBuf]) -> Vec<&PathBuf> {
+    files
+        .iter()
+        .filter(|p| {
+            !p.to_string_lossy().ends_with(".up")
+                && !p.components().any(|c| c.as_os_str() == ".recycle")
+        })
+        .collect()
+}
+
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }

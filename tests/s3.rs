@@ -234,7 +234,7 @@ fn requests_sent(log: &str) -> (u64, u64) {
 
 /// Single-row commits, one object each, then compaction merging them; returns the primary's
 /// log and how many objects were deleted (uploaded but no longer in the bucket).
-fn load_and_compact(s: &S3Server, endpoint: &str) -> (World, String, u64) {
+fn load_and_compact(s: &S3Server, endpoint: &str) -> (String, u64) {
     let w = World::new("compaction-interval = \"1s\"");
     configure(
         &w,
@@ -266,7 +266,7 @@ fn load_and_compact(s: &S3Server, endpoint: &str) -> (World, String, u64) {
     let out = w.path("restored.db");
     restore_from_url(s, &w, &out);
     assert_eq!(state(&out), state(&w.db));
-    (w, log, deleted)
+    (log, deleted)
 }
 
 /// Compaction deletes the objects it merged up to a thousand to a request (DeleteObjects), not
@@ -275,7 +275,7 @@ fn load_and_compact(s: &S3Server, endpoint: &str) -> (World, String, u64) {
 fn compaction_deletes_merged_objects_in_batches() {
     let s = S3Server::start();
     s.create_bucket(BUCKET);
-    let (_w, log, deleted) = load_and_compact(&s, &s.endpoint);
+    let (log, deleted) = load_and_compact(&s, &s.endpoint);
     let (_, delete) = requests_sent(&log);
     assert!(deleted >= 100, "{deleted} objects deleted\n{log}");
     assert!(
@@ -293,7 +293,7 @@ fn a_store_without_multi_object_delete_gets_one_request_per_object() {
     s.create_bucket(BUCKET);
     let front =
         flip_front::FlipFront::refusing_bulk_delete(s.endpoint.trim_start_matches("http://"));
-    let (_w, log, deleted) = load_and_compact(&s, &front.endpoint);
+    let (log, deleted) = load_and_compact(&s, &front.endpoint);
     let (_, delete) = requests_sent(&log);
     assert_eq!(front.refused(), 1, "{log}");
     assert_eq!(

@@ -696,6 +696,25 @@ mod tests {
         }
     }
 
+    /// A spool in `dir/spool` (1 MiB at most) in front of `store`.
+    fn spool_over(store: Box<dyn Storage>, dir: &Path) -> SpoolStorage {
+        SpoolStorage::new(store, dir.join("spool"), 1 << 20, ("d", "s")).unwrap()
+    }
+
+    /// A spool in front of a local directory, `dir/store`.
+    fn spool_in(dir: &Path) -> SpoolStorage {
+        spool_over(Box::new(FsStorage::at(dir.join("store"))), dir)
+    }
+
+    /// Waits (up to 10 s) until `meta` is uploaded and its spooled copy kept.
+    fn wait_uploaded(spool: &SpoolStorage, meta: &FileMeta) {
+        let start = Instant::now();
+        while !uploaded(&spool.path(meta)).exists() {
+            assert!(start.elapsed() < Duration::from_secs(10), "not uploaded");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// A file whose upload completes while the store is being listed is in the listing (the
     /// stream server reads history through it; a missing file had replicas rebuilt).
     #[test]
@@ -705,13 +724,7 @@ mod tests {
             fs: FsStorage::at(dir.path().join("store")),
             listed: Arc::new((Mutex::new(false), Condvar::new())),
         };
-        let spool = SpoolStorage::new(
-            Box::new(store),
-            dir.path().join("spool"),
-            1 << 20,
-            ("d", "s"),
-        )
-        .unwrap();
+        let spool = spool_over(Box::new(store), dir.path());
         let meta = FileMeta {
             kind: Kind::Segment,
             generation: 1,
@@ -739,24 +752,10 @@ mod tests {
     /// journal).
     #[test]
     fn deleted_spool_files_are_recycled() {
+        use crate::storage::tests::{recycled, seg};
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let spool = SpoolStorage::new(
-            Box::new(FsStorage::at(dir.path().join("store"))),
-            dir.path().join("spool"),
-            1 << 20,
-            ("d", "s"),
-        )
-        .unwrap();
-        let seg = |txid| FileMeta {
-            kind: Kind::Segment,
-            generation: 1,
-            level: 0,
-            first_txid: txid,
-            last_txid: txid,
-            first_time_ms: txid,
-            last_time_ms: txid,
-        };
+        let spool = spool_in(dir.path());
         let inode = |m: &FileMeta| {
             let p = spool.path(m);
             fs::metadata(&p)
@@ -765,17 +764,13 @@ mod tests {
                 .ino()
         };
         spool.put(&seg(1), b"one").unwrap();
-        let start = Instant::now();
-        while !uploaded(&spool.path(&seg(1))).exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "not uploaded");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_uploaded(&spool, &seg(1));
         let ino = inode(&seg(1));
         spool.delete(&[seg(1)]).unwrap();
         assert!(!uploaded(&spool.path(&seg(1))).exists());
-        let waiting: Vec<u64> = fs::read_dir(dir.path().join("spool/.recycle"))
-            .unwrap()
-            .map(|e| e.unwrap().metadata().unwrap().ino())
+        let waiting: Vec<u64> = recycled(&dir.path().join("spool"))
+            .into_iter()
+            .map(|(ino, _)| ino)
             .collect();
         assert_eq!(waiting, vec![ino], "emptied into the spool's .recycle");
         std::thread::sleep(crate::storage::REUSE_AFTER + Duration::from_millis(100));
@@ -788,14 +783,7 @@ mod tests {
         assert!(!recycle.exists());
         fs::create_dir_all(&recycle).unwrap();
         fs::write(recycle.join("7"), b"").unwrap();
-        let again = SpoolStorage::new(
-            Box::new(FsStorage::at(dir.path().join("store"))),
-            dir.path().join("spool"),
-            1 << 20,
-            ("d", "s"),
-        )
-        .unwrap();
-        assert!(again.spooled().is_empty());
+        assert!(spool_in(dir.path()).spooled().is_empty());
     }
 
     /// A spooled copy emptied under a reader (compaction deleted it, the spool recycles it) is
@@ -803,29 +791,11 @@ mod tests {
     #[test]
     fn a_copy_emptied_for_reuse_is_read_from_the_store() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = SpoolStorage::new(
-            Box::new(FsStorage::at(dir.path().join("store"))),
-            dir.path().join("spool"),
-            1 << 20,
-            ("d", "s"),
-        )
-        .unwrap();
-        let meta = FileMeta {
-            kind: Kind::Segment,
-            generation: 1,
-            level: 0,
-            first_txid: 2,
-            last_txid: 2,
-            first_time_ms: 1,
-            last_time_ms: 1,
-        };
+        let spool = spool_in(dir.path());
+        let meta = crate::storage::tests::seg(2);
         spool.put(&meta, b"segment").unwrap();
+        wait_uploaded(&spool, &meta);
         let up = uploaded(&spool.path(&meta));
-        let start = Instant::now();
-        while !up.exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "not uploaded");
-            std::thread::sleep(Duration::from_millis(5));
-        }
         let read = |s: &dyn Storage| {
             let mut v = Vec::new();
             s.open(&meta).unwrap().read_to_end(&mut v).unwrap();

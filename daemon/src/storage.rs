@@ -380,12 +380,13 @@ impl Storage for FsStorage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use replited_core::format::Kind;
     use std::os::unix::fs::MetadataExt;
 
-    fn seg(txid: u64) -> FileMeta {
+    /// A level-0 segment of transaction `txid` (its times `txid` too).
+    pub(crate) fn seg(txid: u64) -> FileMeta {
         FileMeta {
             kind: Kind::Segment,
             generation: 1,
@@ -395,6 +396,17 @@ mod tests {
             first_time_ms: txid,
             last_time_ms: txid,
         }
+    }
+
+    /// The emptied files waiting in `dir/.recycle/`: (inode, length) each.
+    pub(crate) fn recycled(dir: &Path) -> Vec<(u64, u64)> {
+        fs::read_dir(dir.join(RECYCLE))
+            .unwrap()
+            .map(|e| {
+                let m = e.unwrap().metadata().unwrap();
+                (m.ino(), m.len())
+            })
+            .collect()
     }
 
     /// A deleted small file is emptied into `.recycle`, unlisted, and its inode serves the next
@@ -410,12 +422,9 @@ mod tests {
         let ino = fs::metadata(s.path(&seg(1))).unwrap().ino();
         s.delete(&[seg(1), seg(2)]).unwrap();
         assert!(s.list().unwrap().is_empty());
-        let waiting: Vec<_> = fs::read_dir(dir.path().join("data.db").join(RECYCLE))
-            .unwrap()
-            .map(|e| e.unwrap().metadata().unwrap())
-            .collect();
+        let waiting = recycled(&dir.path().join("data.db"));
         assert_eq!(waiting.len(), 1, "only the small file is kept");
-        assert_eq!((waiting[0].ino(), waiting[0].len()), (ino, 0));
+        assert_eq!(waiting[0], (ino, 0));
         // Too soon: a fresh file.
         s.put(&seg(3), b"third").unwrap();
         assert_ne!(fs::metadata(s.path(&seg(3))).unwrap().ino(), ino);

@@ -453,6 +453,44 @@ fn compaction_and_retention() {
     assert!(!old.exists());
 }
 
+/// Compaction runs on a thread of its own: capture goes on writing segments while a round
+/// merges (on the capture thread, every commit waited for the whole round), and what it merged
+/// restores to the primary's state.
+#[test]
+fn capture_goes_on_while_compaction_merges() {
+    let w = World::new("compaction-interval = \"1s\"");
+    let d = w.start("auto");
+    let load = spawn_load(&w.db, 1, 4000, &["--rate", "1000"]);
+    wait_ok(load);
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = d.stop();
+    // Per round: how many segments capture wrote between its start and its end, and how many
+    // merges it made.
+    let mut rounds = Vec::new();
+    let mut open: Option<usize> = None;
+    for l in log.lines() {
+        if l.contains("compaction round started") {
+            open = Some(0);
+        } else if l.contains("segment written") {
+            if let Some(n) = open.as_mut() {
+                *n += 1;
+            }
+        } else if l.contains("compaction round ended") {
+            let merges = l.contains("merges=0");
+            rounds.push((open.take().unwrap_or(0), !merges));
+        }
+    }
+    let busy: Vec<usize> = rounds.iter().filter(|r| r.1).map(|r| r.0).collect();
+    assert!(!busy.is_empty(), "no round of compaction merged:\n{log}");
+    assert!(
+        busy.iter().any(|&n| n > 0),
+        "capture wrote nothing while a round merged ({rounds:?}):\n{log}"
+    );
+    let out = w.restore_ok("restored.db");
+    assert_eq!(integrity(&out), "ok");
+    assert_eq!(state(&out), state(&w.db));
+}
+
 /// With the WAL bound set low every checkpoint is a TRUNCATE (the guard is released for it):
 /// the app's commits keep landing throughout and nothing is lost.
 #[test]

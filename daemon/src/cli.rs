@@ -413,12 +413,15 @@ fn run(cli: Cli) -> Result<()> {
                 (_, Some(x)) => Target::Txid(parse_txid(&x)?),
                 _ => Target::Latest,
             };
-            let (sources, output): (Vec<Box<dyn Storage>>, PathBuf) = match source {
+            let (sources, output): (Vec<Arc<dyn Storage>>, PathBuf) = match source {
                 Some(url) => {
                     let out =
                         output.ok_or_else(|| anyhow!("restoring from {url} needs -o OUTPUT"))?;
                     let spool = crate::storage::parent_dir(&out).to_path_buf();
-                    (vec![storage_from_url(&url, endpoint, &spool)?], out)
+                    (
+                        vec![Arc::from(storage_from_url(&url, endpoint, &spool)?)],
+                        out,
+                    )
                 }
                 None => {
                     let cfg = Config::load(&cli.config)?;

@@ -30,7 +30,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -65,11 +65,12 @@ pub fn now_ms() -> u64 {
 }
 
 /// A named backup target.
+#[derive(Clone)]
 pub struct Target {
     /// `name` from the config.
     pub name: String,
-    /// Where it writes.
-    pub storage: Box<dyn Storage>,
+    /// Where it writes (shared with the compaction thread).
+    pub storage: Arc<dyn Storage>,
 }
 
 /// Builds the storage targets of a database from its config (a stream server is not one), for
@@ -143,7 +144,7 @@ fn build_target(cfg: &DbConfig, r: &ReplicateConfig, spool: Spool) -> Result<Opt
     };
     Ok(Some(Target {
         name: r.name.clone(),
-        storage,
+        storage: Arc::from(storage),
     }))
 }
 
@@ -392,6 +393,9 @@ pub struct Replicator {
     last_snapshot_txid: u64,
     last_checkpoint: Instant,
     last_compaction: Instant,
+    /// The round of compaction running on its own thread, if one is, and its flag to end
+    /// after the merge in progress.
+    compaction: Option<(std::thread::JoinHandle<Merged>, Arc<AtomicBool>)>,
     last_retention: Instant,
     failures: u32,
     retry_at: Option<Instant>,
@@ -521,6 +525,7 @@ impl Replicator {
             last_snapshot_txid: 0,
             last_checkpoint: now,
             last_compaction: now,
+            compaction: None,
             last_retention: now,
             failures: 0,
             retry_at: None,
@@ -694,6 +699,8 @@ impl Replicator {
         let (before, after) = (storage_entries(&old), storage_entries(&new));
         if before != after {
             preflight(&new)?;
+            // A round of compaction writes to the targets it started with.
+            self.compaction_done(true);
             // Built before anything changes; None: kept as it is.
             let mut built = Vec::new();
             for r in &after {
@@ -922,6 +929,7 @@ impl Replicator {
             }
         }
         last.context("writing out the last captured transactions at shutdown")?;
+        self.compaction_done(true);
         for g in &self.guards {
             sqlite::end_txn(g);
         }
@@ -1120,8 +1128,11 @@ impl Replicator {
                 self.snapshot()?;
             }
         }
-        if self.last_compaction.elapsed() >= self.cfg.compaction_interval {
-            self.compact()?;
+        self.compaction_done(false);
+        if self.compaction.is_none()
+            && self.last_compaction.elapsed() >= self.cfg.compaction_interval
+        {
+            self.compact();
         }
         if self.last_retention.elapsed() >= self.cfg.retention_check_interval {
             self.retention()?;
@@ -1694,6 +1705,8 @@ impl Replicator {
 
     /// Establishes where capture continues from; see the module docs.
     fn establish(&mut self) -> Result<()> {
+        // The targets are listed and made consistent below: no merge may be half-written then.
+        self.compaction_done(true);
         match self.write_batch() {
             Ok(()) => {}
             Err(e) if e.is::<ContinuityLost>() => {
@@ -1977,68 +1990,74 @@ impl Replicator {
         self.write_snapshot(wal)
     }
 
-    /// Merges runs of small segments into larger ones, level by level.
-    fn compact(&mut self) -> Result<()> {
+    /// Starts a round of compaction on a thread of its own: merging hundreds of segments takes
+    /// tens of milliseconds each, and capture must not wait for them (at 1,000 commits/s a
+    /// round on the capture thread held every commit back by up to 70 ms for ~2 s of every
+    /// 10; docs/BENCHMARKS.md, ninth pass). The thread works on a copy of the file list; what
+    /// it merged is taken into `files` by [`Self::compaction_done`].
+    fn compact(&mut self) {
         self.last_compaction = Instant::now();
-        for level in 0..MAX_LEVEL {
-            let min = if level == 0 { 2 } else { MERGE_AT };
-            let Some(run) = plan::plan_compaction(&self.files, self.generation, level, min) else {
-                continue;
-            };
-            // A bounded merge per wake-up keeps capture's pauses short; the rest follows on the
-            // next wake-ups.
-            let inputs: Vec<FileMeta> =
-                run.iter().take(MERGE_MAX).map(|&i| self.files[i]).collect();
-            if inputs.len() == MERGE_MAX {
-                // Due again at the next wake-up.
-                let now = Instant::now();
-                self.last_compaction = now.checked_sub(self.cfg.compaction_interval).unwrap_or(now);
-            }
-            let merged = self.merge(&inputs, level + 1)?;
-            for t in &self.targets {
-                t.storage.delete(&inputs)?;
-            }
-            let merged_away: std::collections::HashSet<&FileMeta> = inputs.iter().collect();
-            self.files.retain(|m| !merged_away.contains(m));
-            self.files.push(merged);
-            tracing::debug!(level = level + 1, files = inputs.len(), "segments merged");
+        let targets = self.targets.clone();
+        let files = self.files.clone();
+        let (generation, compression) = (self.generation, self.compression);
+        let span = self.span();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        match std::thread::Builder::new()
+            .name("compact".into())
+            .spawn(move || {
+                let _e = span.enter();
+                compact_round(&targets, files, generation, compression, &stopped)
+            }) {
+            Ok(h) => self.compaction = Some((h, stop)),
+            Err(e) => tracing::error!("starting compaction: {e}; trying again later"),
         }
-        Ok(())
     }
 
-    fn merge(&mut self, inputs: &[FileMeta], level: u32) -> Result<FileMeta> {
-        let src = &*self.targets[0].storage;
-        let first = read_header(src, &inputs[0])?;
-        let last = read_header(src, &inputs[inputs.len() - 1])?;
-        let mut header = last;
-        header.level = level;
-        header.first_txid = first.first_txid;
-        header.first_time_ms = first.first_time_ms;
-        header.compression = self.compression;
-        let meta = FileMeta::from_header(&header);
-        let mut sink = Sink::create(&self.targets, &meta)?;
-        let mut out = Vec::new();
-        let mut enc = Encoder::new(&header, &mut out)?;
-        for m in inputs {
-            decode_file(src, m, |ev, dec| {
-                match ev {
-                    Event::Txn(t) => enc.begin_txn(t, &mut out)?,
-                    // Pages are copied as stored: compressed once, at capture.
-                    Event::Page(pgno) => {
-                        enc.page_as_stored(*pgno, dec.page(), Some(dec.stored()), &mut out)?
-                    }
-                    Event::Header(_) | Event::End => {}
-                }
-                sink.spill(&mut out)?;
-                Ok(true)
-            })?;
+    /// Takes in what the running round of compaction merged once it has ended (with `wait`,
+    /// ends it after the merge in progress; the next round merges the rest).
+    fn compaction_done(&mut self, wait: bool) {
+        if !wait
+            && !self
+                .compaction
+                .as_ref()
+                .is_some_and(|(h, _)| h.is_finished())
+        {
+            return;
         }
-        enc.finish(&mut out)?;
-        sink.finish(&mut out)?;
-        Ok(meta)
+        let Some((h, stop)) = self.compaction.take() else {
+            return;
+        };
+        stop.store(true, Ordering::Relaxed);
+        let done = h.join().unwrap_or_else(|_| Merged {
+            merges: Vec::new(),
+            error: Some(anyhow!("the compaction thread panicked")),
+        });
+        for (inputs, merged) in &done.merges {
+            let merged_away: std::collections::HashSet<&FileMeta> = inputs.iter().collect();
+            self.files.retain(|m| !merged_away.contains(m));
+            // Listed already if the targets were listed since.
+            if !self.files.contains(merged) {
+                self.files.push(*merged);
+            }
+        }
+        if let Some(e) = done.error {
+            tracing::error!(
+                merged = done.merges.len(),
+                "compaction: {e:#}; trying again in {:?}",
+                self.cfg.compaction_interval
+            );
+            if let Some((h, i)) = &self.health {
+                h.error(*i, "compaction", &format_args!("{e:#}"));
+            }
+        }
     }
 
     fn retention(&mut self) -> Result<()> {
+        if self.compaction.is_some() {
+            // It may be merging files retention would delete: next step, once it is done.
+            return Ok(());
+        }
         self.last_retention = Instant::now();
         let doomed: Vec<FileMeta> =
             plan::plan_retention(&self.files, now_ms(), self.cfg.retention.as_millis() as u64)
@@ -2060,6 +2079,101 @@ impl Replicator {
         );
         Ok(())
     }
+}
+
+impl Drop for Replicator {
+    /// A round of compaction still running ends first: it holds the targets (a spool among
+    /// them, which cleans up when the last holder drops it).
+    fn drop(&mut self) {
+        if let Some((h, stop)) = self.compaction.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = h.join();
+        }
+    }
+}
+
+/// What a round of compaction did: each merge's inputs and the file that replaced them, and
+/// the error that ended the round early, if one did.
+struct Merged {
+    merges: Vec<(Vec<FileMeta>, FileMeta)>,
+    error: Option<anyhow::Error>,
+}
+
+/// Merges runs of small segments of `generation` into larger ones, level by level, each merge
+/// at most [`MERGE_MAX`] files, until no level has a run to merge or `stop` is set; deletes
+/// what was merged.
+fn compact_round(
+    targets: &[Target],
+    mut files: Vec<FileMeta>,
+    generation: u64,
+    compression: format::Compression,
+    stop: &AtomicBool,
+) -> Merged {
+    tracing::debug!("compaction round started");
+    let mut merges = Vec::new();
+    let mut round = || -> Result<()> {
+        for level in 0..MAX_LEVEL {
+            let min = if level == 0 { 2 } else { MERGE_AT };
+            // Each merge takes at least two files out of this level: the loop ends.
+            while let Some(run) = plan::plan_compaction(&files, generation, level, min) {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let inputs: Vec<FileMeta> = run.iter().take(MERGE_MAX).map(|&i| files[i]).collect();
+                let merged = merge(targets, &inputs, level + 1, compression)?;
+                for t in targets {
+                    t.storage.delete(&inputs)?;
+                }
+                let merged_away: std::collections::HashSet<&FileMeta> = inputs.iter().collect();
+                files.retain(|m| !merged_away.contains(m));
+                files.push(merged);
+                tracing::debug!(level = level + 1, files = inputs.len(), "segments merged");
+                merges.push((inputs, merged));
+            }
+        }
+        Ok(())
+    };
+    let error = round().err();
+    tracing::debug!(merges = merges.len(), "compaction round ended");
+    Merged { merges, error }
+}
+
+/// Merges `inputs` (read from the first target) into one file at `level`, written to every
+/// target. Pages are copied as stored: compressed once, at capture.
+fn merge(
+    targets: &[Target],
+    inputs: &[FileMeta],
+    level: u32,
+    compression: format::Compression,
+) -> Result<FileMeta> {
+    let src = &*targets[0].storage;
+    let first = read_header(src, &inputs[0])?;
+    let last = read_header(src, &inputs[inputs.len() - 1])?;
+    let mut header = last;
+    header.level = level;
+    header.first_txid = first.first_txid;
+    header.first_time_ms = first.first_time_ms;
+    header.compression = compression;
+    let meta = FileMeta::from_header(&header);
+    let mut sink = Sink::create(targets, &meta)?;
+    let mut out = Vec::new();
+    let mut enc = Encoder::new(&header, &mut out)?;
+    for m in inputs {
+        decode_file(src, m, |ev, dec| {
+            match ev {
+                Event::Txn(t) => enc.begin_txn(t, &mut out)?,
+                Event::Page(pgno) => {
+                    enc.page_as_stored(*pgno, dec.page(), Some(dec.stored()), &mut out)?
+                }
+                Event::Header(_) | Event::End => {}
+            }
+            sink.spill(&mut out)?;
+            Ok(true)
+        })?;
+    }
+    enc.finish(&mut out)?;
+    sink.finish(&mut out)?;
+    Ok(meta)
 }
 
 /// Decodes a whole stored file (checking every byte, trailer included) and returns its header.

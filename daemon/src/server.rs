@@ -63,7 +63,7 @@ pub struct Hub {
     name: String,
     state: Mutex<HubState>,
     changed: watch::Sender<u64>,
-    storage: Vec<Box<dyn Storage>>,
+    storage: Vec<Arc<dyn Storage>>,
     /// What a new replica is told to restore from.
     restore_config: Option<Vec<u8>>,
     /// Where snapshots to stream are built.

@@ -251,16 +251,19 @@ fn a_replica_behind_applies_runs_of_transactions_as_one() {
     p.stop();
 }
 
-/// With `sync-interval = "1s"` one write-out can hold more than the stream server keeps in
-/// memory (8 MiB of transactions): only the batch's last 8 MiB are copied for it, and a replica
-/// following live gets the batch's earlier transactions read back from storage, in order. It
-/// ends equal to the primary, without a rebuild.
+/// With a `sync-interval` above zero one write-out can hold more than the stream server keeps
+/// in memory (8 MiB of transactions): only the batch's last 8 MiB are copied for it, and a
+/// replica following live gets the batch's earlier transactions read back from storage, in
+/// order. It ends equal to the primary, without a rebuild.
 #[test]
 fn a_replica_follows_write_outs_larger_than_the_stream_keeps_in_memory() {
     let c = Cluster::new(Opts::default());
+    // 5 s and no checkpoint before 100,000 pages (a checkpoint writes the batch out early):
+    // the 16 MB below stay one write-out even on a busy machine (with 1 s and the default
+    // checkpoints CI once split them into write-outs of 34–65 transactions, none over 8 MiB).
     let cfg = fs::read_to_string(&c.pcfg).unwrap().replacen(
         "\n\n[[database.replicate]]",
-        "\nsync-interval = \"1s\"\n\n[[database.replicate]]",
+        "\nsync-interval = \"5s\"\nmin-checkpoint-page-count = 100000\nmax-checkpoint-page-count = 100000\n\n[[database.replicate]]",
         1,
     );
     fs::write(&c.pcfg, cfg).unwrap();
@@ -269,7 +272,7 @@ fn a_replica_follows_write_outs_larger_than_the_stream_keeps_in_memory() {
     let r = c.replica(&[]);
     r.wait_for_log("caught up with the primary", Duration::from_secs(60));
     wait_equal(&c.pdb, &c.rdb, Duration::from_secs(30), &[&p, &r]);
-    // 16 MB in 160 transactions, well within a second: one write-out.
+    // 16 MB in 160 transactions, well within 5 s: one write-out.
     write_blobs(&c.pdb, 160);
     run_load(&c.pdb, 101, 200);
     wait_equal(&c.pdb, &c.rdb, Duration::from_secs(60), &[&p, &r]);

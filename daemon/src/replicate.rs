@@ -2000,7 +2000,8 @@ impl Replicator {
         let targets = self.targets.clone();
         let files = self.files.clone();
         let (generation, compression) = (self.generation, self.compression);
-        let span = self.span();
+        // The database's span (capture runs inside it), so the round logs under it.
+        let span = tracing::Span::current();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         match std::thread::Builder::new()

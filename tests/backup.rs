@@ -476,8 +476,8 @@ fn capture_goes_on_while_compaction_merges() {
                 *n += 1;
             }
         } else if l.contains("compaction round ended") {
-            let merges = l.contains("merges=0");
-            rounds.push((open.take().unwrap_or(0), !merges));
+            let merged = !l.contains("merges=0");
+            rounds.push((open.take().unwrap_or(0), merged));
         }
     }
     let busy: Vec<usize> = rounds.iter().filter(|r| r.1).map(|r| r.0).collect();

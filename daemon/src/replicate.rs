@@ -2035,12 +2035,7 @@ impl Replicator {
             error: Some(anyhow!("the compaction thread panicked")),
         });
         for (inputs, merged) in &done.merges {
-            let merged_away: std::collections::HashSet<&FileMeta> = inputs.iter().collect();
-            self.files.retain(|m| !merged_away.contains(m));
-            // Listed already if the targets were listed since.
-            if !self.files.contains(merged) {
-                self.files.push(*merged);
-            }
+            replace_merged(&mut self.files, inputs, *merged);
         }
         if let Some(e) = done.error {
             tracing::error!(
@@ -2125,9 +2120,7 @@ fn compact_round(
                 for t in targets {
                     t.storage.delete(&inputs)?;
                 }
-                let merged_away: std::collections::HashSet<&FileMeta> = inputs.iter().collect();
-                files.retain(|m| !merged_away.contains(m));
-                files.push(merged);
+                replace_merged(&mut files, &inputs, merged);
                 tracing::debug!(level = level + 1, files = inputs.len(), "segments merged");
                 merges.push((inputs, merged));
             }
@@ -2137,6 +2130,16 @@ fn compact_round(
     let error = round().err();
     tracing::debug!(merges = merges.len(), "compaction round ended");
     Merged { merges, error }
+}
+
+/// Puts `merged` in place of the files it merged in a list of stored files (once: a list read
+/// from the targets since may hold it already).
+fn replace_merged(files: &mut Vec<FileMeta>, inputs: &[FileMeta], merged: FileMeta) {
+    let merged_away: std::collections::HashSet<&FileMeta> = inputs.iter().collect();
+    files.retain(|m| !merged_away.contains(m));
+    if !files.contains(&merged) {
+        files.push(merged);
+    }
 }
 
 /// Merges `inputs` (read from the first target) into one file at `level`, written to every

@@ -622,6 +622,16 @@ impl Storage for SpoolStorage {
                     None => remote.push(*m),
                 }
             }
+            if !waiting.is_empty() {
+                // A file dropped here was to cover what deletes queued earlier take out of the
+                // store (the inputs of the merge that made it, deleted once it was queued):
+                // they now wait for the file that replaces it, queued before this call, so the
+                // store never lacks a transaction it held.
+                let (deletes, uploads): (VecDeque<Job>, VecDeque<Job>) =
+                    q.jobs.drain(..).partition(|j| matches!(j, Job::Delete(_)));
+                q.jobs = uploads;
+                q.jobs.extend(deletes);
+            }
             if !remote.is_empty() {
                 q.jobs.push_back(Job::Delete(remote.clone()));
                 self.shared.cv.notify_all();
@@ -704,6 +714,61 @@ mod tests {
     /// A spool in front of a local directory, `dir/store`.
     fn spool_in(dir: &Path) -> SpoolStorage {
         spool_over(Box::new(FsStorage::at(dir.join("store"))), dir)
+    }
+
+    /// A local directory as the remote store whose uploads of `held` wait until `open` is set,
+    /// and which records every delete that would leave the store without a file covering
+    /// what it deleted.
+    struct Gated {
+        fs: FsStorage,
+        held: FileMeta,
+        open: Arc<(Mutex<bool>, Condvar)>,
+        uncovered: Arc<Mutex<Vec<FileMeta>>>,
+    }
+
+    impl Storage for Gated {
+        fn describe(&self) -> String {
+            self.fs.describe()
+        }
+        fn check_writable(&self) -> Result<()> {
+            self.fs.check_writable()
+        }
+        fn list(&self) -> Result<Vec<FileMeta>> {
+            self.fs.list()
+        }
+        fn create(&self, meta: &FileMeta) -> Result<Box<dyn crate::storage::ObjectWriter>> {
+            if *meta == self.held {
+                let mut g = self.open.0.lock().unwrap();
+                while !*g {
+                    g = self.open.1.wait(g).unwrap();
+                }
+            }
+            self.fs.create(meta)
+        }
+        fn open(&self, meta: &FileMeta) -> Result<Box<dyn Read + Send>> {
+            self.fs.open(meta)
+        }
+        fn delete(&self, metas: &[FileMeta]) -> Result<()> {
+            let stored = self.fs.list()?;
+            for m in metas {
+                let covered = stored.iter().any(|f| {
+                    !metas.contains(f)
+                        && f.level > m.level
+                        && f.first_txid <= m.first_txid
+                        && f.last_txid >= m.last_txid
+                });
+                if !covered {
+                    self.uncovered.lock().unwrap().push(*m);
+                }
+            }
+            self.fs.delete(metas)
+        }
+        fn locate(&self, meta: &FileMeta) -> String {
+            self.fs.locate(meta)
+        }
+        fn size(&self, meta: &FileMeta) -> Result<u64> {
+            self.fs.size(meta)
+        }
     }
 
     /// Waits (up to 10 s) until `meta` is uploaded and its spooled copy kept.
@@ -815,5 +880,73 @@ mod tests {
             dir.path().join("spool"),
         );
         assert_eq!(read(&view), b"segment");
+    }
+
+    /// Compaction merges files the uploader has not reached yet: a merged file still waiting
+    /// in the spool is dropped when a later merge takes it in, and the deletes of its own
+    /// inputs, queued behind it, wait for the file that replaces it — the store is never left
+    /// without transactions it held (they were deleted before the replacement was uploaded).
+    #[test]
+    fn deletes_wait_for_the_file_replacing_a_dropped_merge() {
+        let file = |level: u32, first: u64, last: u64| FileMeta {
+            kind: Kind::Segment,
+            generation: 1,
+            level,
+            first_txid: first,
+            last_txid: last,
+            first_time_ms: first,
+            last_time_ms: last,
+        };
+        let (a0, a1, later) = (file(0, 1, 1), file(0, 2, 2), file(0, 3, 3));
+        let (l1, l2) = (file(1, 1, 2), file(2, 1, 2));
+        let dir = tempfile::tempdir().unwrap();
+        let open = Arc::new((Mutex::new(false), Condvar::new()));
+        let uncovered = Arc::new(Mutex::new(Vec::new()));
+        let store = Gated {
+            fs: FsStorage::at(dir.path().join("store")),
+            held: later,
+            open: open.clone(),
+            uncovered: uncovered.clone(),
+        };
+        let spool = spool_over(Box::new(store), dir.path());
+        spool.put(&a0, b"a0").unwrap();
+        spool.put(&a1, b"a1").unwrap();
+        wait_uploaded(&spool, &a1);
+        // The uploader is held on `later`; what follows waits behind it.
+        spool.put(&later, b"later").unwrap();
+        let start = Instant::now();
+        while spool.shared.q.lock().unwrap().busy != Some(later) {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Level 0 merged (its inputs uploaded: deleted from the store behind l1), then level 1
+        // merged while l1 still waits.
+        spool.put(&l1, b"a0a1").unwrap();
+        spool.delete(&[a0, a1]).unwrap();
+        spool.put(&l2, b"a0a1").unwrap();
+        spool.delete(&[l1]).unwrap();
+        *open.0.lock().unwrap() = true;
+        open.1.notify_all();
+        let start = Instant::now();
+        loop {
+            let q = spool.shared.q.lock().unwrap();
+            if q.jobs.is_empty() && q.busy.is_none() {
+                break;
+            }
+            drop(q);
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "uploads never ended"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            *uncovered.lock().unwrap(),
+            Vec::<FileMeta>::new(),
+            "deleted from the store while nothing stored covered them"
+        );
+        let mut stored = FsStorage::at(dir.path().join("store")).list().unwrap();
+        stored.sort_by_key(|m| (m.first_txid, m.level));
+        assert_eq!(stored, vec![l2, later]);
     }
 }

@@ -5,9 +5,11 @@ Transaction i (1, 2, 3, ...) does the same thing on every run, so the database c
 any transaction can be rebuilt independently and compared with what a restore produced.
 
   load.py run DB --from A --to B [--pause-every N --pause-ms M --marks FILE] [--rate TPS]
+                 [--commits FILE]
       commits transactions A..=B with Python's sqlite3 (WAL mode, the default autocheckpoint
       left on). With --pause-every, after every N-th transaction it sleeps M ms and appends
-      "i<TAB>unix_ms" to FILE, the time taken in the middle of the pause.
+      "i<TAB>unix_ms" to FILE, the time taken in the middle of the pause. --commits writes
+      "i<TAB>unix_ms" (to the µs) for every transaction, taken as its COMMIT returned.
   load.py state DB        prints "i<TAB>hash": the last transaction applied and a hash of
                           every table's rows in order (not file bytes).
   load.py expect I        prints "I<TAB>hash" for the content after transaction I, rebuilt in
@@ -20,7 +22,8 @@ any transaction can be rebuilt independently and compared with what a restore pr
                           (meta.i, the ledger) in a read transaction every ms; fails if the ledger
                           total is ever not 4000 (a half-applied transaction) or i goes backwards;
                           exits once i >= I, printing "i<TAB>hash<TAB>states seen" read through
-                          the same connection. --log appends "i<TAB>unix_ms" when i changes.
+                          the same connection. --log appends "i<TAB>unix_ms" (to the µs) when i
+                          changes.
 """
 import hashlib
 import sqlite3
@@ -91,6 +94,7 @@ def cmd_run(args):
     pause = int(opts.get("--pause-ms", 0)) / 1000.0
     marks = opts.get("--marks")
     rate = float(opts.get("--rate", 0))
+    committed = [] if "--commits" in opts else None
     conn = connect(db)
     conn.execute("BEGIN IMMEDIATE")
     init(conn)
@@ -100,6 +104,8 @@ def cmd_run(args):
         conn.execute("BEGIN IMMEDIATE")
         apply(conn, i)
         conn.execute("COMMIT")
+        if committed is not None:
+            committed.append((i, time.time()))
         if every and i % every == 0:
             time.sleep(pause / 2)
             with open(marks, "a") as f:
@@ -111,6 +117,9 @@ def cmd_run(args):
             if delay > 0:
                 time.sleep(delay)
     conn.close()
+    if committed is not None:
+        with open(opts["--commits"], "w") as f:
+            f.writelines(f"{i}\t{t * 1000:.3f}\n" for i, t in committed)
 
 
 def cmd_state(args):
@@ -179,7 +188,7 @@ def cmd_watch(args):
             states += 1
             last = i
             if log:
-                log.write(f"{i}\t{int(time.time() * 1000)}\n")
+                log.write(f"{i}\t{time.time() * 1000:.3f}\n")
                 log.flush()
         if i >= until:
             break

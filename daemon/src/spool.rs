@@ -48,6 +48,23 @@ struct Queue {
     last_upload_ms: u64,
 }
 
+impl Queue {
+    /// The next job: the oldest level-0 segment first — a commit's first copy in the store,
+    /// which its durability waits for — then the others in order (merged files, snapshots and
+    /// deletes: a delete stays behind the upload that replaces what it deletes). A merge of
+    /// hundreds of segments or a snapshot takes seconds to upload; the commits captured
+    /// meanwhile do not wait for it.
+    fn next_job(&mut self) -> Option<Job> {
+        let fresh = self.jobs.iter().position(
+            |j| matches!(j, Job::Upload(m, _) if m.kind == Kind::Segment && m.level == 0),
+        );
+        match fresh {
+            Some(i) => self.jobs.remove(i),
+            None => self.jobs.pop_front(),
+        }
+    }
+}
+
 struct Shared {
     q: Mutex<Queue>,
     cv: Condvar,
@@ -254,7 +271,7 @@ fn upload_loop(
                 if q.stop {
                     return;
                 }
-                if let Some(j) = q.jobs.pop_front() {
+                if let Some(j) = q.next_job() {
                     if let Job::Upload(m, _) = &j {
                         q.busy = Some(*m);
                     }
@@ -722,8 +739,16 @@ mod tests {
     struct Gated {
         fs: FsStorage,
         held: FileMeta,
+        gate: Gate,
+    }
+
+    /// What a test sees of a [`Gated`] store.
+    #[derive(Clone)]
+    struct Gate {
         open: Arc<(Mutex<bool>, Condvar)>,
         uncovered: Arc<Mutex<Vec<FileMeta>>>,
+        /// Every upload, in the order they started.
+        uploads: Arc<Mutex<Vec<FileMeta>>>,
     }
 
     impl Storage for Gated {
@@ -737,10 +762,11 @@ mod tests {
             self.fs.list()
         }
         fn create(&self, meta: &FileMeta) -> Result<Box<dyn crate::storage::ObjectWriter>> {
+            self.gate.uploads.lock().unwrap().push(*meta);
             if *meta == self.held {
-                let mut g = self.open.0.lock().unwrap();
+                let mut g = self.gate.open.0.lock().unwrap();
                 while !*g {
-                    g = self.open.1.wait(g).unwrap();
+                    g = self.gate.open.1.wait(g).unwrap();
                 }
             }
             self.fs.create(meta)
@@ -758,7 +784,7 @@ mod tests {
                         && f.last_txid >= m.last_txid
                 });
                 if !covered {
-                    self.uncovered.lock().unwrap().push(*m);
+                    self.gate.uncovered.lock().unwrap().push(*m);
                 }
             }
             self.fs.delete(metas)
@@ -882,13 +908,9 @@ mod tests {
         assert_eq!(read(&view), b"segment");
     }
 
-    /// Compaction merges files the uploader has not reached yet: a merged file still waiting
-    /// in the spool is dropped when a later merge takes it in, and the deletes of its own
-    /// inputs, queued behind it, wait for the file that replaces it — the store is never left
-    /// without transactions it held (they were deleted before the replacement was uploaded).
-    #[test]
-    fn deletes_wait_for_the_file_replacing_a_dropped_merge() {
-        let file = |level: u32, first: u64, last: u64| FileMeta {
+    /// A segment of generation 1 at `level` with transactions `first..=last`.
+    fn file(level: u32, first: u64, last: u64) -> FileMeta {
+        FileMeta {
             kind: Kind::Segment,
             generation: 1,
             level,
@@ -896,37 +918,38 @@ mod tests {
             last_txid: last,
             first_time_ms: first,
             last_time_ms: last,
+        }
+    }
+
+    /// A spool over a [`Gated`] store holding `held`'s upload, and the store's gate.
+    fn gated(dir: &Path, held: FileMeta) -> (SpoolStorage, Gate) {
+        let gate = Gate {
+            open: Arc::new((Mutex::new(false), Condvar::new())),
+            uncovered: Arc::new(Mutex::new(Vec::new())),
+            uploads: Arc::new(Mutex::new(Vec::new())),
         };
-        let (a0, a1, later) = (file(0, 1, 1), file(0, 2, 2), file(0, 3, 3));
-        let (l1, l2) = (file(1, 1, 2), file(2, 1, 2));
-        let dir = tempfile::tempdir().unwrap();
-        let open = Arc::new((Mutex::new(false), Condvar::new()));
-        let uncovered = Arc::new(Mutex::new(Vec::new()));
         let store = Gated {
-            fs: FsStorage::at(dir.path().join("store")),
-            held: later,
-            open: open.clone(),
-            uncovered: uncovered.clone(),
+            fs: FsStorage::at(dir.join("store")),
+            held,
+            gate: gate.clone(),
         };
-        let spool = spool_over(Box::new(store), dir.path());
-        spool.put(&a0, b"a0").unwrap();
-        spool.put(&a1, b"a1").unwrap();
-        wait_uploaded(&spool, &a1);
-        // The uploader is held on `later`; what follows waits behind it.
-        spool.put(&later, b"later").unwrap();
+        (spool_over(Box::new(store), dir), gate)
+    }
+
+    /// Spools `held` and waits until its upload has started (and waits for the gate).
+    fn hold(spool: &SpoolStorage, held: &FileMeta) {
+        spool.put(held, b"held").unwrap();
         let start = Instant::now();
-        while spool.shared.q.lock().unwrap().busy != Some(later) {
+        while spool.shared.q.lock().unwrap().busy != Some(*held) {
             assert!(start.elapsed() < Duration::from_secs(10));
             std::thread::sleep(Duration::from_millis(5));
         }
-        // Level 0 merged (its inputs uploaded: deleted from the store behind l1), then level 1
-        // merged while l1 still waits.
-        spool.put(&l1, b"a0a1").unwrap();
-        spool.delete(&[a0, a1]).unwrap();
-        spool.put(&l2, b"a0a1").unwrap();
-        spool.delete(&[l1]).unwrap();
-        *open.0.lock().unwrap() = true;
-        open.1.notify_all();
+    }
+
+    /// Lets the held upload go and waits until every job is done.
+    fn release(spool: &SpoolStorage, store: &Gate) {
+        *store.open.0.lock().unwrap() = true;
+        store.open.1.notify_all();
         let start = Instant::now();
         loop {
             let q = spool.shared.q.lock().unwrap();
@@ -940,13 +963,72 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Compaction merges files the uploader has not reached yet: a merged file still waiting
+    /// in the spool is dropped when a later merge takes it in, and the deletes of its own
+    /// inputs, queued behind it, wait for the file that replaces it — the store is never left
+    /// without transactions it held (they were deleted before the replacement was uploaded).
+    #[test]
+    fn deletes_wait_for_the_file_replacing_a_dropped_merge() {
+        let (a0, a1, later) = (file(0, 1, 1), file(0, 2, 2), file(0, 3, 3));
+        let (l1, l2) = (file(1, 1, 2), file(2, 1, 2));
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, store) = gated(dir.path(), later);
+        spool.put(&a0, b"a0").unwrap();
+        spool.put(&a1, b"a1").unwrap();
+        wait_uploaded(&spool, &a1);
+        // The uploader is held on `later`; what follows waits behind it.
+        hold(&spool, &later);
+        // Level 0 merged (its inputs uploaded: deleted from the store behind l1), then level 1
+        // merged while l1 still waits.
+        spool.put(&l1, b"a0a1").unwrap();
+        spool.delete(&[a0, a1]).unwrap();
+        spool.put(&l2, b"a0a1").unwrap();
+        spool.delete(&[l1]).unwrap();
+        release(&spool, &store);
         assert_eq!(
-            *uncovered.lock().unwrap(),
+            *store.uncovered.lock().unwrap(),
             Vec::<FileMeta>::new(),
             "deleted from the store while nothing stored covered them"
         );
         let mut stored = FsStorage::at(dir.path().join("store")).list().unwrap();
         stored.sort_by_key(|m| (m.first_txid, m.level));
         assert_eq!(stored, vec![l2, later]);
+    }
+
+    /// A commit's segment is not uploaded behind a merged file or a snapshot spooled before
+    /// it (they take seconds to upload under a busy load; the commit's durability in the
+    /// store would wait for them), and a delete still waits for the merged file it follows.
+    #[test]
+    fn fresh_segments_are_uploaded_before_merged_files_and_snapshots() {
+        let held = file(0, 1, 1);
+        let snapshot = FileMeta {
+            kind: Kind::Snapshot,
+            ..file(0, 5, 5)
+        };
+        let (merged, fresh) = (file(1, 1, 5), [file(0, 6, 6), file(0, 7, 7)]);
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, store) = gated(dir.path(), held);
+        for (i, m) in [file(0, 2, 3), file(0, 4, 5)].iter().enumerate() {
+            spool.put(m, b"old").unwrap();
+            if i == 1 {
+                wait_uploaded(&spool, m);
+            }
+        }
+        hold(&spool, &held);
+        spool.put(&snapshot, b"snapshot").unwrap();
+        spool.put(&merged, b"merged").unwrap();
+        spool.delete(&[file(0, 2, 3), file(0, 4, 5)]).unwrap();
+        spool.put(&fresh[0], b"six").unwrap();
+        spool.put(&fresh[1], b"seven").unwrap();
+        release(&spool, &store);
+        let order = store.uploads.lock().unwrap().clone();
+        assert_eq!(
+            order[order.len() - 5..],
+            [held, fresh[0], fresh[1], snapshot, merged],
+            "upload order"
+        );
+        assert_eq!(*store.uncovered.lock().unwrap(), Vec::<FileMeta>::new());
     }
 }

@@ -2,10 +2,13 @@
 //! capture or the other targets.
 //!
 //! `commit` makes a file durable in the spool directory (fdatasync, rename, directory fsync) and
-//! queues it; an upload thread sends queued files to the remote target in order, one at a time,
-//! retrying with exponential backoff and jitter (100 ms doubling to 30 s) while it fails, and
-//! removes each spooled file once its upload is complete. Deletions (compaction, retention) are
-//! queued behind the uploads, so they never fail because the store is down either.
+//! queues it; two upload threads send queued files to the remote target, retrying with
+//! exponential backoff and jitter (100 ms doubling to 30 s) while it fails, and remove each
+//! spooled file once its upload is complete. One sends the commits' segments (level 0), in
+//! order, one at a time; the other everything else in order: compaction's merged files and
+//! snapshots (which may take seconds: a commit's durability never waits for them) and the
+//! deletions (compaction, retention), queued behind the uploads of the files that replace what
+//! they delete, so they never fail because the store is down either.
 //!
 //! The spool is bounded ([`SpoolStorage::limit`] bytes): past it, `create` fails with an error
 //! that says how much waits and since when the store has been failing — capture then retries
@@ -42,26 +45,46 @@ struct Queue {
     /// Since when the remote target has been failing, and why.
     failing: Option<(Instant, String)>,
     stop: bool,
-    /// The upload in progress (its spool file must stay until it ends).
-    busy: Option<FileMeta>,
+    /// The upload in progress in each [`Lane`] (its spool file must stay until it ends).
+    busy: [Option<FileMeta>; 2],
     /// Unix ms of the last completed upload (0: none yet).
     last_upload_ms: u64,
 }
 
+/// Which upload thread takes a job.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Lane {
+    /// The commits' segments (level 0), in order: each commit's first copy in the store, which
+    /// its durability waits for.
+    Fresh,
+    /// Everything else, in order: merged files, snapshots (a merge of hundreds of segments or
+    /// a snapshot takes seconds to upload) and deletes.
+    Rest,
+}
+
+fn lane(job: &Job) -> Lane {
+    match job {
+        Job::Upload(m, _) if m.kind == Kind::Segment && m.level == 0 => Lane::Fresh,
+        _ => Lane::Rest,
+    }
+}
+
 impl Queue {
-    /// The next job: the oldest level-0 segment first — a commit's first copy in the store,
-    /// which its durability waits for — then the others in order (merged files, snapshots and
-    /// deletes: a delete stays behind the upload that replaces what it deletes). A merge of
-    /// hundreds of segments or a snapshot takes seconds to upload; the commits captured
-    /// meanwhile do not wait for it.
-    fn next_job(&mut self) -> Option<Job> {
-        let fresh = self.jobs.iter().position(
-            |j| matches!(j, Job::Upload(m, _) if m.kind == Kind::Segment && m.level == 0),
-        );
-        match fresh {
-            Some(i) => self.jobs.remove(i),
-            None => self.jobs.pop_front(),
+    /// The next job for `l`, if it may start now. A delete waits (and what follows it in its
+    /// lane) while a file it deletes is being uploaded: it would come back after the delete.
+    fn next_job(&mut self, l: Lane) -> Option<Job> {
+        let i = self.jobs.iter().position(|j| lane(j) == l)?;
+        if let Job::Delete(ms) = &self.jobs[i] {
+            if self.busy.iter().flatten().any(|b| ms.contains(b)) {
+                return None;
+            }
         }
+        self.jobs.remove(i)
+    }
+
+    /// Whether no job waits and none is in progress.
+    fn idle(&self) -> bool {
+        self.jobs.is_empty() && self.busy.iter().all(Option::is_none)
     }
 }
 
@@ -79,7 +102,7 @@ pub struct SpoolStorage {
     local: Arc<FsStorage>,
     limit: u64,
     shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl SpoolStorage {
@@ -124,21 +147,33 @@ impl SpoolStorage {
             cv: Condvar::new(),
         });
         let local = Arc::new(FsStorage::at(dir.clone()));
-        let thread = {
-            let (inner, shared, local, dir) =
-                (inner.clone(), shared.clone(), local.clone(), dir.clone());
-            std::thread::Builder::new()
-                .name("upload".into())
-                .spawn(move || upload_loop(&*inner, &shared, &local, &dir, metrics))
-                .ok()
-        };
+        let threads = [Lane::Fresh, Lane::Rest]
+            .into_iter()
+            .filter_map(|l| {
+                let (inner, shared, local, dir, metrics) = (
+                    inner.clone(),
+                    shared.clone(),
+                    local.clone(),
+                    dir.clone(),
+                    metrics.clone(),
+                );
+                let name = match l {
+                    Lane::Fresh => "upload",
+                    Lane::Rest => "upload-merged",
+                };
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || upload_loop(l, &*inner, &shared, &local, &dir, metrics))
+                    .ok()
+            })
+            .collect();
         SpoolStorage {
             inner,
             local,
             dir,
             limit,
             shared,
-            thread,
+            threads,
         }
     }
 
@@ -196,7 +231,7 @@ impl SpoolStorage {
                 Job::Upload(m, _) => Some(*m),
                 Job::Delete(_) => None,
             })
-            .chain(q.busy)
+            .chain(q.busy.iter().flatten().copied())
             .collect()
     }
 }
@@ -209,10 +244,7 @@ impl Drop for SpoolStorage {
         {
             let deadline = Instant::now() + DRAIN;
             let mut q = self.shared.q.lock().expect("spool lock");
-            while (!q.jobs.is_empty() || q.busy.is_some())
-                && q.failing.is_none()
-                && Instant::now() < deadline
-            {
+            while !q.idle() && q.failing.is_none() && Instant::now() < deadline {
                 q = self
                     .shared
                     .cv
@@ -231,7 +263,7 @@ impl Drop for SpoolStorage {
             q.stop = true;
             self.shared.cv.notify_all();
         }
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
         // Local copies of uploaded files are a cache for this run's compaction only.
@@ -250,13 +282,15 @@ impl Drop for SpoolStorage {
     }
 }
 
-/// The upload thread's metrics.
+/// The upload threads' metrics.
+#[derive(Clone)]
 struct UploadMetrics {
     upload: Arc<crate::metrics::Histogram>,
     errors: Arc<crate::metrics::Counter>,
 }
 
 fn upload_loop(
+    lane: Lane,
     inner: &dyn Storage,
     shared: &Shared,
     local: &FsStorage,
@@ -271,9 +305,9 @@ fn upload_loop(
                 if q.stop {
                     return;
                 }
-                if let Some(j) = q.next_job() {
+                if let Some(j) = q.next_job(lane) {
                     if let Job::Upload(m, _) = &j {
-                        q.busy = Some(*m);
+                        q.busy[lane as usize] = Some(*m);
                     }
                     break j;
                 }
@@ -296,7 +330,7 @@ fn upload_loop(
             _ => {}
         }
         let mut q = shared.q.lock().expect("spool lock");
-        q.busy = None;
+        q.busy[lane as usize] = None;
         shared.cv.notify_all();
         match r {
             Ok(()) => {
@@ -535,7 +569,9 @@ impl Storage for SpoolStorage {
     fn backlog(&self) -> Option<FileMeta> {
         let q = self.shared.q.lock().expect("spool lock");
         q.busy
-            .into_iter()
+            .iter()
+            .flatten()
+            .copied()
             .chain(q.jobs.iter().filter_map(|j| match j {
                 Job::Upload(m, _) => Some(*m),
                 Job::Delete(_) => None,
@@ -764,9 +800,17 @@ mod tests {
         fn create(&self, meta: &FileMeta) -> Result<Box<dyn crate::storage::ObjectWriter>> {
             self.gate.uploads.lock().unwrap().push(*meta);
             if *meta == self.held {
+                // Bounded, so a test that failed before opening the gate still ends.
+                let deadline = Instant::now() + Duration::from_secs(20);
                 let mut g = self.gate.open.0.lock().unwrap();
-                while !*g {
-                    g = self.gate.open.1.wait(g).unwrap();
+                while !*g && Instant::now() < deadline {
+                    g = self
+                        .gate
+                        .open
+                        .1
+                        .wait_timeout(g, Duration::from_millis(100))
+                        .unwrap()
+                        .0;
                 }
             }
             self.fs.create(meta)
@@ -828,13 +872,22 @@ mod tests {
         spool.put(&meta, b"segment").unwrap();
         // The upload has started and waits for the listing.
         let start = Instant::now();
-        while spool.spooled().is_empty() || spool.shared.q.lock().unwrap().busy.is_none() {
+        while spool.spooled().is_empty()
+            || spool
+                .shared
+                .q
+                .lock()
+                .unwrap()
+                .busy
+                .iter()
+                .all(Option::is_none)
+        {
             assert!(start.elapsed() < Duration::from_secs(10));
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(spool.list().unwrap(), vec![meta]);
         // And the upload did complete meanwhile.
-        assert!(spool.shared.q.lock().unwrap().busy.is_none());
+        assert!(spool.shared.q.lock().unwrap().idle());
     }
 
     /// What the spool deletes is recycled as a local target's files are: an uploaded
@@ -940,7 +993,7 @@ mod tests {
     fn hold(spool: &SpoolStorage, held: &FileMeta) {
         spool.put(held, b"held").unwrap();
         let start = Instant::now();
-        while spool.shared.q.lock().unwrap().busy != Some(*held) {
+        while !spool.shared.q.lock().unwrap().busy.contains(&Some(*held)) {
             assert!(start.elapsed() < Duration::from_secs(10));
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -953,7 +1006,7 @@ mod tests {
         let start = Instant::now();
         loop {
             let q = spool.shared.q.lock().unwrap();
-            if q.jobs.is_empty() && q.busy.is_none() {
+            if q.idle() {
                 break;
             }
             drop(q);
@@ -971,15 +1024,16 @@ mod tests {
     /// without transactions it held (they were deleted before the replacement was uploaded).
     #[test]
     fn deletes_wait_for_the_file_replacing_a_dropped_merge() {
-        let (a0, a1, later) = (file(0, 1, 1), file(0, 2, 2), file(0, 3, 3));
+        let (a0, a1) = (file(0, 1, 1), file(0, 2, 2));
         let (l1, l2) = (file(1, 1, 2), file(2, 1, 2));
+        // A merge of other segments whose upload is held: what follows waits behind it.
+        let held = file(1, 3, 9);
         let dir = tempfile::tempdir().unwrap();
-        let (spool, store) = gated(dir.path(), later);
+        let (spool, store) = gated(dir.path(), held);
         spool.put(&a0, b"a0").unwrap();
         spool.put(&a1, b"a1").unwrap();
         wait_uploaded(&spool, &a1);
-        // The uploader is held on `later`; what follows waits behind it.
-        hold(&spool, &later);
+        hold(&spool, &held);
         // Level 0 merged (its inputs uploaded: deleted from the store behind l1), then level 1
         // merged while l1 still waits.
         spool.put(&l1, b"a0a1").unwrap();
@@ -994,41 +1048,56 @@ mod tests {
         );
         let mut stored = FsStorage::at(dir.path().join("store")).list().unwrap();
         stored.sort_by_key(|m| (m.first_txid, m.level));
-        assert_eq!(stored, vec![l2, later]);
+        assert_eq!(stored, vec![l2, held]);
     }
 
-    /// A commit's segment is not uploaded behind a merged file or a snapshot spooled before
-    /// it (they take seconds to upload under a busy load; the commit's durability in the
-    /// store would wait for them), and a delete still waits for the merged file it follows.
+    /// A delete of a segment whose upload is in progress waits for it to end (deleted first,
+    /// the upload would leave the object in the store for good).
     #[test]
-    fn fresh_segments_are_uploaded_before_merged_files_and_snapshots() {
-        let held = file(0, 1, 1);
+    fn a_delete_waits_for_the_upload_of_what_it_deletes() {
+        let (seg, merged) = (file(0, 1, 1), file(1, 1, 1));
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, store) = gated(dir.path(), seg);
+        hold(&spool, &seg);
+        spool.put(&merged, b"merged").unwrap();
+        let start = Instant::now();
+        while !store.uploads.lock().unwrap().contains(&merged) || !spool.spooled().eq(&[seg]) {
+            assert!(start.elapsed() < Duration::from_secs(10), "not uploaded");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        spool.delete(&[seg]).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        release(&spool, &store);
+        let stored = FsStorage::at(dir.path().join("store")).list().unwrap();
+        assert_eq!(stored, vec![merged]);
+    }
+
+    /// A commit's segment is not uploaded behind a merged file or a snapshot (they take
+    /// seconds to upload under a busy load; the commit's durability in the store would wait for
+    /// them), nor do they wait for it.
+    #[test]
+    fn fresh_segments_do_not_wait_for_merged_files_and_snapshots() {
+        let merged = file(1, 1, 5);
         let snapshot = FileMeta {
             kind: Kind::Snapshot,
             ..file(0, 5, 5)
         };
-        let (merged, fresh) = (file(1, 1, 5), [file(0, 6, 6), file(0, 7, 7)]);
+        let fresh = [file(0, 6, 6), file(0, 7, 7)];
         let dir = tempfile::tempdir().unwrap();
-        let (spool, store) = gated(dir.path(), held);
-        for (i, m) in [file(0, 2, 3), file(0, 4, 5)].iter().enumerate() {
-            spool.put(m, b"old").unwrap();
-            if i == 1 {
-                wait_uploaded(&spool, m);
-            }
-        }
-        hold(&spool, &held);
+        let (spool, store) = gated(dir.path(), merged);
+        hold(&spool, &merged);
         spool.put(&snapshot, b"snapshot").unwrap();
-        spool.put(&merged, b"merged").unwrap();
-        spool.delete(&[file(0, 2, 3), file(0, 4, 5)]).unwrap();
         spool.put(&fresh[0], b"six").unwrap();
         spool.put(&fresh[1], b"seven").unwrap();
-        release(&spool, &store);
-        let order = store.uploads.lock().unwrap().clone();
+        wait_uploaded(&spool, &fresh[1]);
         assert_eq!(
-            order[order.len() - 5..],
-            [held, fresh[0], fresh[1], snapshot, merged],
-            "upload order"
+            *store.uploads.lock().unwrap(),
+            vec![merged, fresh[0], fresh[1]],
+            "uploads started while the merged file's was in progress"
         );
-        assert_eq!(*store.uncovered.lock().unwrap(), Vec::<FileMeta>::new());
+        release(&spool, &store);
+        let mut stored = FsStorage::at(dir.path().join("store")).list().unwrap();
+        stored.sort_by_key(|m| (m.first_txid, m.level));
+        assert_eq!(stored.len(), 4);
     }
 }

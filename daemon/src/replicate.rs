@@ -96,7 +96,7 @@ pub fn history_targets(cfg: &DbConfig) -> Result<Vec<Target>> {
 enum Spool {
     /// Nothing: the store alone.
     None,
-    /// The spool itself (capture: writes wait in it and are uploaded in order).
+    /// The spool itself (capture: writes wait in it until uploaded).
     Own,
     /// Read-only: what waits in the spool of the capture running beside it, and the store.
     Read,

@@ -40,7 +40,8 @@ enum Job {
 
 #[derive(Default)]
 struct Queue {
-    jobs: VecDeque<Job>,
+    /// The jobs waiting in each [`Lane`], in order.
+    jobs: [VecDeque<Job>; 2],
     bytes: u64,
     /// Since when the remote target has been failing, and why.
     failing: Option<(Instant, String)>,
@@ -62,29 +63,47 @@ enum Lane {
     Rest,
 }
 
-fn lane(job: &Job) -> Lane {
-    match job {
-        Job::Upload(m, _) if m.kind == Kind::Segment && m.level == 0 => Lane::Fresh,
-        _ => Lane::Rest,
+/// The lane whose thread uploads `m`.
+fn lane(m: &FileMeta) -> Lane {
+    if m.kind == Kind::Segment && m.level == 0 {
+        Lane::Fresh
+    } else {
+        Lane::Rest
     }
 }
 
 impl Queue {
+    /// Queues `job` at the end of its lane.
+    fn push(&mut self, job: Job) {
+        let l = match &job {
+            Job::Upload(m, _) => lane(m),
+            Job::Delete(_) => Lane::Rest,
+        };
+        self.jobs[l as usize].push_back(job);
+    }
+
     /// The next job for `l`, if it may start now. A delete waits (and what follows it in its
     /// lane) while a file it deletes is being uploaded: it would come back after the delete.
     fn next_job(&mut self, l: Lane) -> Option<Job> {
-        let i = self.jobs.iter().position(|j| lane(j) == l)?;
-        if let Job::Delete(ms) = &self.jobs[i] {
+        if let Some(Job::Delete(ms)) = self.jobs[l as usize].front() {
             if self.busy.iter().flatten().any(|b| ms.contains(b)) {
                 return None;
             }
         }
-        self.jobs.remove(i)
+        self.jobs[l as usize].pop_front()
+    }
+
+    /// The files waiting for upload (not those in progress).
+    fn waiting(&self) -> impl Iterator<Item = FileMeta> + '_ {
+        self.jobs.iter().flatten().filter_map(|j| match j {
+            Job::Upload(m, _) => Some(*m),
+            Job::Delete(_) => None,
+        })
     }
 
     /// Whether no job waits and none is in progress.
     fn idle(&self) -> bool {
-        self.jobs.is_empty() && self.busy.iter().all(Option::is_none)
+        self.jobs.iter().all(VecDeque::is_empty) && self.busy.iter().all(Option::is_none)
     }
 }
 
@@ -217,7 +236,7 @@ impl SpoolStorage {
         let mut q = self.shared.q.lock().expect("spool lock");
         for (m, len) in found {
             q.bytes += len;
-            q.jobs.push_back(Job::Upload(m, len));
+            q.push(Job::Upload(m, len));
         }
         self.shared.cv.notify_all();
         Ok(())
@@ -225,12 +244,7 @@ impl SpoolStorage {
 
     fn spooled(&self) -> Vec<FileMeta> {
         let q = self.shared.q.lock().expect("spool lock");
-        q.jobs
-            .iter()
-            .filter_map(|j| match j {
-                Job::Upload(m, _) => Some(*m),
-                Job::Delete(_) => None,
-            })
+        q.waiting()
             .chain(q.busy.iter().flatten().copied())
             .collect()
     }
@@ -374,7 +388,7 @@ fn upload_loop(
                     tracing::debug!("{}: {e:#}", inner.describe());
                 }
                 // Back at the head of the queue, in order.
-                q.jobs.push_front(job);
+                q.jobs[lane as usize].push_front(job);
                 let jitter = Duration::from_micros(
                     u64::from(std::process::id()).wrapping_mul(now_micros())
                         % (delay.as_micros() as u64 / 2 + 1),
@@ -555,7 +569,7 @@ impl ObjectWriter for SpoolWriter {
         let len = fs::metadata(&self.path)?.len();
         let mut q = self.shared.q.lock().expect("spool lock");
         q.bytes += len;
-        q.jobs.push_back(Job::Upload(self.meta, len));
+        q.push(Job::Upload(self.meta, len));
         self.shared.cv.notify_all();
         Ok(())
     }
@@ -572,10 +586,7 @@ impl Storage for SpoolStorage {
             .iter()
             .flatten()
             .copied()
-            .chain(q.jobs.iter().filter_map(|j| match j {
-                Job::Upload(m, _) => Some(*m),
-                Job::Delete(_) => None,
-            }))
+            .chain(q.waiting())
             .min_by_key(|m| (m.first_txid, m.first_time_ms))
     }
 
@@ -661,13 +672,13 @@ impl Storage for SpoolStorage {
         {
             let mut q = self.shared.q.lock().expect("spool lock");
             for m in metas {
-                let pos = q
-                    .jobs
+                let jobs = &mut q.jobs[lane(m) as usize];
+                let pos = jobs
                     .iter()
                     .position(|j| matches!(j, Job::Upload(x, _) if x == m));
                 match pos {
                     Some(i) => {
-                        if let Some(Job::Upload(_, len)) = q.jobs.remove(i) {
+                        if let Some(Job::Upload(_, len)) = jobs.remove(i) {
                             q.bytes -= len;
                         }
                         waiting.push(self.path(m));
@@ -680,13 +691,14 @@ impl Storage for SpoolStorage {
                 // store (the inputs of the merge that made it, deleted once it was queued):
                 // they now wait for the file that replaces it, queued before this call, so the
                 // store never lacks a transaction it held.
+                let rest = &mut q.jobs[Lane::Rest as usize];
                 let (deletes, uploads): (VecDeque<Job>, VecDeque<Job>) =
-                    q.jobs.drain(..).partition(|j| matches!(j, Job::Delete(_)));
-                q.jobs = uploads;
-                q.jobs.extend(deletes);
+                    rest.drain(..).partition(|j| matches!(j, Job::Delete(_)));
+                *rest = uploads;
+                rest.extend(deletes);
             }
             if !remote.is_empty() {
-                q.jobs.push_back(Job::Delete(remote.clone()));
+                q.push(Job::Delete(remote.clone()));
                 self.shared.cv.notify_all();
             }
         }
@@ -841,13 +853,18 @@ mod tests {
         }
     }
 
-    /// Waits (up to 10 s) until `meta` is uploaded and its spooled copy kept.
-    fn wait_uploaded(spool: &SpoolStorage, meta: &FileMeta) {
+    /// Waits (up to 10 s, else fails naming `what`) until `done` holds.
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         let start = Instant::now();
-        while !uploaded(&spool.path(meta)).exists() {
-            assert!(start.elapsed() < Duration::from_secs(10), "not uploaded");
+        while !done() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{what}");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Waits (up to 10 s) until `meta` is uploaded and its spooled copy kept.
+    fn wait_uploaded(spool: &SpoolStorage, meta: &FileMeta) {
+        wait_until("not uploaded", || uploaded(&spool.path(meta)).exists());
     }
 
     /// A file whose upload completes while the store is being listed is in the listing (the
@@ -871,20 +888,17 @@ mod tests {
         };
         spool.put(&meta, b"segment").unwrap();
         // The upload has started and waits for the listing.
-        let start = Instant::now();
-        while spool.spooled().is_empty()
-            || spool
-                .shared
-                .q
-                .lock()
-                .unwrap()
-                .busy
-                .iter()
-                .all(Option::is_none)
-        {
-            assert!(start.elapsed() < Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("the upload never started", || {
+            !spool.spooled().is_empty()
+                && spool
+                    .shared
+                    .q
+                    .lock()
+                    .unwrap()
+                    .busy
+                    .iter()
+                    .any(Option::is_some)
+        });
         assert_eq!(spool.list().unwrap(), vec![meta]);
         // And the upload did complete meanwhile.
         assert!(spool.shared.q.lock().unwrap().idle());
@@ -992,30 +1006,18 @@ mod tests {
     /// Spools `held` and waits until its upload has started (and waits for the gate).
     fn hold(spool: &SpoolStorage, held: &FileMeta) {
         spool.put(held, b"held").unwrap();
-        let start = Instant::now();
-        while !spool.shared.q.lock().unwrap().busy.contains(&Some(*held)) {
-            assert!(start.elapsed() < Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("the held upload never started", || {
+            spool.shared.q.lock().unwrap().busy.contains(&Some(*held))
+        });
     }
 
     /// Lets the held upload go and waits until every job is done.
     fn release(spool: &SpoolStorage, store: &Gate) {
         *store.open.0.lock().unwrap() = true;
         store.open.1.notify_all();
-        let start = Instant::now();
-        loop {
-            let q = spool.shared.q.lock().unwrap();
-            if q.idle() {
-                break;
-            }
-            drop(q);
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "uploads never ended"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("uploads never ended", || {
+            spool.shared.q.lock().unwrap().idle()
+        });
     }
 
     /// Compaction merges files the uploader has not reached yet: a merged file still waiting
@@ -1060,11 +1062,9 @@ mod tests {
         let (spool, store) = gated(dir.path(), seg);
         hold(&spool, &seg);
         spool.put(&merged, b"merged").unwrap();
-        let start = Instant::now();
-        while !store.uploads.lock().unwrap().contains(&merged) || !spool.spooled().eq(&[seg]) {
-            assert!(start.elapsed() < Duration::from_secs(10), "not uploaded");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("not uploaded", || {
+            store.uploads.lock().unwrap().contains(&merged) && spool.spooled().eq(&[seg])
+        });
         spool.delete(&[seg]).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         release(&spool, &store);

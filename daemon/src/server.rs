@@ -26,7 +26,7 @@ use replited_core::name::FileMeta;
 use replited_core::pos::Pos;
 use replited_core::primary::{PrimaryConfig, PrimaryEvent, PrimarySession};
 use replited_core::proto::{Message, Txn, TxnInfo, MAX_REPLICA_FRAME_LEN};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::{db_name, DbConfig, S3Params, StreamParams, TargetParams};
 use crate::reader::decode_file;
@@ -40,8 +40,9 @@ use crate::transport::{self, FramedStream, ServerTls};
 /// replica that falls behind at a high rate reading from storage, slower than the primary
 /// writes: 2 MiB was tried (docs/BENCHMARKS.md, sixth pass).
 pub const RECENT_BYTES: usize = 8 << 20;
-/// Bytes of transactions read back from storage per request.
-const HISTORY_BATCH_BYTES: usize = 4 << 20;
+/// Bytes of transactions read back from storage per batch (a replica reading history holds
+/// up to three: one queued to send, one waiting, one being read).
+const HISTORY_BATCH_BYTES: usize = 2 << 20;
 /// Bytes of pages per `SnapshotPages` message.
 const SNAPSHOT_BATCH_BYTES: usize = 1 << 20;
 /// How long a new stream may take to say Hello.
@@ -244,34 +245,6 @@ impl Hub {
         )
     }
 
-    /// Transactions after `after` (at least one), from memory or read back from storage.
-    fn txns_after(&self, after: Pos) -> Result<Vec<Arc<Txn>>, History> {
-        if let Some(v) = self.recent_after(after) {
-            if !v.is_empty() {
-                return Ok(v);
-            }
-        }
-        let mut last_err = String::from("no storage target holds them");
-        for s in &self.storage {
-            match read_history(&**s, after) {
-                Ok(v) if !v.is_empty() => {
-                    tracing::debug!(
-                        db = %self.name,
-                        txns = v.len(),
-                        "transactions after {after} read back from storage ({})",
-                        s.describe()
-                    );
-                    return Ok(v.into_iter().map(Arc::new).collect());
-                }
-                Ok(_) => {}
-                Err(e) => last_err = format!("{}: {e:#}", s.describe()),
-            }
-        }
-        Err(History::Unavailable(format!(
-            "transactions after {after} are not in memory nor in storage ({last_err})"
-        )))
-    }
-
     /// Restores the latest backup into a scratch file (removed on drop) for streaming.
     fn build_snapshot(&self) -> Result<ScratchDb> {
         let path = self.scratch.join(format!(
@@ -368,98 +341,250 @@ pub fn parse_restore_config(bytes: &[u8]) -> Result<RestoreSource> {
     }
 }
 
-/// Reads the transactions after `after` back from one storage target: the chain of segments
-/// (largest first) that continues from `after`, up to [`HISTORY_BATCH_BYTES`].
-fn read_history(storage: &dyn Storage, after: Pos) -> Result<Vec<Txn>> {
-    let mut attempt = 1;
-    loop {
-        match read_history_in(storage, &storage.list()?, after, HISTORY_BATCH_BYTES) {
-            // Compaction replaced a listed file meanwhile (the soak saw a replica rebuilt for
-            // this): list again.
-            Err(e) if attempt < 5 && crate::restore::vanished(&e) => attempt += 1,
-            r => return r,
+/// Transactions read back from storage for one replica session further behind than the hub's
+/// memory reaches: a thread walks the stored chain from the replica's position, each file read
+/// once, and hands the transactions over in batches of [`HISTORY_BATCH_BYTES`], one batch
+/// ahead of the stream. (Listing the storage and reading a batch's files anew for each batch,
+/// as before, re-read a merged file from its start for every batch and listed a bucket of
+/// thousands of objects each time: a replica that fell behind at 10,000 commits/s read back
+/// slower than the primary wrote and never caught up.)
+struct HistoryFeed {
+    /// The position of the last transaction received.
+    last: Pos,
+    /// Whether anything was received.
+    delivered: bool,
+    rx: mpsc::Receiver<Result<Vec<Arc<Txn>>, String>>,
+}
+
+impl HistoryFeed {
+    /// Starts reading the transactions after `after` back from `hub`'s storage.
+    fn start(hub: &Hub, after: Pos) -> HistoryFeed {
+        let (tx, rx) = mpsc::channel(1);
+        let (name, storage) = (hub.name.clone(), hub.storage.clone());
+        let spawned = std::thread::Builder::new()
+            .name("history".into())
+            .spawn(move || feed_history(&name, &storage, after, &tx));
+        if let Err(e) = spawned {
+            tracing::warn!(db = %hub.name, "cannot start a thread to read history: {e}");
+        }
+        HistoryFeed {
+            last: after,
+            delivered: false,
+            rx,
         }
     }
 }
 
-/// Like [`read_history`], from the files `all` (a listing of `storage`), up to `max_bytes`.
-pub fn read_history_in(
+/// The body of a [`HistoryFeed`]'s thread: walks the chain from `after` in a listing of the
+/// first storage target that continues it, lists that target again where the walk ends, and
+/// ends (dropping `tx`) once a fresh listing has nothing more — by then the hub's memory
+/// reaches back far enough — or the session stops listening. An error is sent before it ends.
+fn feed_history(
+    name: &str,
+    storage: &[Arc<dyn Storage>],
+    after: Pos,
+    tx: &mpsc::Sender<Result<Vec<Arc<Txn>>, String>>,
+) {
+    let mut last = after;
+    let mut source: Option<usize> = None;
+    let mut vanished = 0;
+    let mut why = String::from("no storage target holds them");
+    loop {
+        let before = last;
+        // The error of the target the walk went on with, else of the last one tried.
+        let mut error: Option<(bool, String)> = None;
+        let order: Vec<usize> = match source {
+            Some(i) => vec![i],
+            None => (0..storage.len()).collect(),
+        };
+        for i in order {
+            let s = &*storage[i];
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            let walked = s.list().and_then(|files| {
+                stream_history(s, &files, last, &mut |t| {
+                    if last == after {
+                        tracing::debug!(db = %name, "transactions after {after} read back from storage ({})", s.describe());
+                    }
+                    last = t.pos();
+                    bytes += t.data_len();
+                    batch.push(Arc::new(t));
+                    if bytes < HISTORY_BATCH_BYTES {
+                        return Ok(true);
+                    }
+                    bytes = 0;
+                    Ok(tx.blocking_send(Ok(std::mem::take(&mut batch))).is_ok())
+                })
+            });
+            // Whole transactions decoded before an error are good: the error follows them.
+            if !batch.is_empty() && tx.blocking_send(Ok(batch)).is_err() || tx.is_closed() {
+                return;
+            }
+            let err = walked.err().map(|e| {
+                (
+                    crate::restore::vanished(&e),
+                    format!("{}: {e:#}", s.describe()),
+                )
+            });
+            if last != before {
+                source = Some(i);
+                error = err;
+                break;
+            }
+            error = err.or(error);
+        }
+        if last != before {
+            vanished = 0;
+        }
+        match error {
+            // Compaction replaced a listed file meanwhile (the soak saw a replica rebuilt for
+            // this): list again.
+            Some((true, _)) if vanished < 5 => vanished += 1,
+            Some((_, e)) if last != after => {
+                let _ = tx.blocking_send(Err(format!(
+                    "reading the transactions after {last} back from storage: {e}"
+                )));
+                return;
+            }
+            Some((_, e)) => {
+                why = e;
+                break;
+            }
+            // The chain ends in a fresh listing.
+            None if last == before => break,
+            // More may have been stored meanwhile.
+            None => {}
+        }
+    }
+    if last == after {
+        let _ = tx.blocking_send(Err(format!(
+            "transactions after {after} are not in memory nor in storage ({why})"
+        )));
+    }
+}
+
+/// Walks the chain of stored segments that continues from `after` in the listing `all` (of
+/// `storage`): at each step the file holding the next transaction that reaches furthest, each
+/// file read once, front to back. `each` gets every transaction after `after`, in order, as
+/// soon as it is decoded whole; returning false stops the walk (the rest of the file unread).
+/// Returns the position of the last transaction handed over (`after` when none).
+///
+/// A transaction is handed over before its file's trailer is verified (a merged file may hold
+/// hundreds of megabytes, more than a reader keeps in memory): the trailer is still verified
+/// when the walk gets there, and a bad one ends the walk with an error; whoever applies the
+/// transactions checks the whole-database checksum after each one, so a changed page is caught
+/// when it is applied.
+pub fn stream_history(
     storage: &dyn Storage,
     all: &[FileMeta],
     after: Pos,
-    max_bytes: usize,
-) -> Result<Vec<Txn>> {
-    let mut files: Vec<FileMeta> = all
+    each: &mut dyn FnMut(Txn) -> Result<bool>,
+) -> Result<Pos> {
+    /// Ends a file's decoding early (`each` said stop, or failed).
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("stopped")
+        }
+    }
+    impl std::error::Error for Stop {}
+
+    let mut files: Vec<&FileMeta> = all
         .iter()
         .filter(|m| m.kind == Kind::Segment && m.generation == after.generation)
-        .copied()
         .collect();
     files.sort_by_key(|m| (m.first_txid, std::cmp::Reverse(m.last_txid)));
-    let mut out: Vec<Txn> = Vec::new();
-    let mut bytes = 0usize;
     let mut next = after.txid + 1;
-    while bytes < max_bytes {
-        // The file that holds `next` and reaches furthest.
-        let Some(m) = files
-            .iter()
-            .filter(|m| m.first_txid <= next && m.last_txid >= next)
-            .max_by_key(|m| m.last_txid)
-        else {
-            break;
-        };
+    let mut failed: Option<anyhow::Error> = None;
+    // The file that holds `next` and reaches furthest.
+    while let Some(m) = files
+        .iter()
+        .filter(|m| m.first_txid <= next && m.last_txid >= next)
+        .max_by_key(|m| m.last_txid)
+    {
+        let from = next;
         let mut cur: Option<Txn> = None;
-        let mut done: Vec<Txn> = Vec::new();
-        // Whole transactions up to the budget, not the whole file (a merged one can be large):
-        // past it the rest of the file is still read and checked, not kept.
-        let budget = max_bytes - bytes;
-        let mut taken = 0usize;
-        decode_file(storage, m, |ev, dec| {
-            match ev {
-                Event::Txn(h) => {
-                    if let Some(t) = cur.take() {
-                        taken += t.data_len();
-                        done.push(t);
-                    }
-                    if taken >= budget {
-                        return Ok(false);
-                    }
-                    if h.txid >= next {
-                        cur = Some(Txn {
-                            generation: after.generation,
-                            header: TxnInfo::from(h),
-                            pages: Vec::with_capacity(h.page_count as usize),
-                        });
-                    }
-                }
-                Event::Page(pgno) => {
-                    if let Some(t) = cur.as_mut() {
-                        t.pages.push((*pgno, dec.page().to_vec()));
-                    }
-                }
-                Event::Header(_) | Event::End => {}
-            }
-            Ok(true)
-        })?;
-        done.extend(cur.take());
-        if !done.iter().any(|t| t.header.txid == next) {
-            bail!(
-                "{} holds no transaction {next} although its name says so",
-                storage.locate(m)
-            );
-        }
-        for t in done {
-            if t.header.txid != next {
+        // Hands the transaction decoded whole to `each`: Ok(false) to stop.
+        let mut hand = |t: Txn, next: &mut u64| -> Result<bool> {
+            if t.header.txid != *next {
                 bail!(
                     "{}: expected txid {next}, found {}",
                     storage.locate(m),
                     t.header.txid
                 );
             }
-            next += 1;
-            bytes += t.data_len();
-            out.push(t);
+            *next += 1;
+            match each(t) {
+                Ok(go) => Ok(go),
+                Err(e) => {
+                    failed = Some(e);
+                    Ok(false)
+                }
+            }
+        };
+        let r = decode_file(storage, m, |ev, dec| {
+            let done = match ev {
+                Event::Txn(_) | Event::End => cur.take(),
+                _ => None,
+            };
+            if let Some(t) = done {
+                if !hand(t, &mut next)? {
+                    return Err(Stop.into());
+                }
+            }
+            match ev {
+                Event::Txn(h) if h.txid >= next => {
+                    cur = Some(Txn {
+                        generation: after.generation,
+                        header: TxnInfo::from(h),
+                        pages: Vec::with_capacity(h.page_count as usize),
+                    });
+                }
+                Event::Page(pgno) => {
+                    if let Some(t) = cur.as_mut() {
+                        t.pages.push((*pgno, dec.page().to_vec()));
+                    }
+                }
+                _ => {}
+            }
+            Ok(true)
+        });
+        if let Some(e) = failed.take() {
+            return Err(e);
+        }
+        match r {
+            Err(e) if e.is::<Stop>() => break,
+            r => r?,
+        }
+        if next == from {
+            bail!(
+                "{} holds no transaction {next} although its name says so",
+                storage.locate(m)
+            );
         }
     }
+    Ok(Pos {
+        generation: after.generation,
+        txid: next - 1,
+    })
+}
+
+/// The transactions after `after` that [`stream_history`] walks to, up to `max_bytes` of
+/// page data (whole transactions: the one that crosses the budget is the last).
+pub fn read_history_in(
+    storage: &dyn Storage,
+    all: &[FileMeta],
+    after: Pos,
+    max_bytes: usize,
+) -> Result<Vec<Txn>> {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    stream_history(storage, all, after, &mut |t| {
+        bytes += t.data_len();
+        out.push(t);
+        Ok(bytes < max_bytes)
+    })?;
     Ok(out)
 }
 
@@ -711,6 +836,45 @@ async fn serve(
     .await
 }
 
+/// The transactions after `after` (at least one): from the hub's memory when it reaches back
+/// that far, else from the session's [`HistoryFeed`] (started, or started again, from `after`).
+async fn history_after(
+    hub: &Hub,
+    feed: &mut Option<HistoryFeed>,
+    after: Pos,
+) -> Result<Vec<Arc<Txn>>, History> {
+    loop {
+        if let Some(v) = hub.recent_after(after).filter(|v| !v.is_empty()) {
+            *feed = None;
+            return Ok(v);
+        }
+        if feed.as_ref().is_none_or(|f| f.last != after) {
+            *feed = Some(HistoryFeed::start(hub, after));
+        }
+        let f = feed.as_mut().expect("a feed");
+        match f.rx.recv().await {
+            Some(Ok(v)) if !v.is_empty() => {
+                f.last = v[v.len() - 1].pos();
+                f.delivered = true;
+                return Ok(v);
+            }
+            Some(Ok(_)) => {}
+            Some(Err(why)) => {
+                *feed = None;
+                return Err(History::Unavailable(why));
+            }
+            // The walk ended where storage did, a moment ago: memory, or a new walk, goes on.
+            None if f.delivered => *feed = None,
+            None => {
+                *feed = None;
+                return Err(History::Unavailable(format!(
+                    "transactions after {after} could not be read back from storage"
+                )));
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn session_loop(
     s: &mut PrimarySession,
@@ -721,31 +885,21 @@ async fn session_loop(
     peer: &str,
     track: Option<&ReplicaTrack>,
 ) -> Result<()> {
+    let feed = &mut None;
     loop {
         while let Some(ev) = s.poll_event() {
             match ev {
-                PrimaryEvent::NeedTxns { after } => {
-                    // Recent transactions straight from memory; storage reads off the runtime.
-                    let recent = hub.recent_after(after).filter(|v| !v.is_empty());
-                    let found = match recent {
-                        Some(v) => Ok(v),
-                        None => {
-                            let h = hub.clone();
-                            tokio::task::spawn_blocking(move || h.txns_after(after)).await?
-                        }
-                    };
-                    match found {
-                        Ok(txns) => {
-                            for t in txns {
-                                s.push_shared(t);
-                            }
-                        }
-                        Err(History::Unavailable(why)) => {
-                            tracing::warn!(db = %hub.name(), peer = %peer, "{why}: the replica must restore");
-                            s.history_unavailable();
+                PrimaryEvent::NeedTxns { after } => match history_after(hub, feed, after).await {
+                    Ok(txns) => {
+                        for t in txns {
+                            s.push_shared(t);
                         }
                     }
-                }
+                    Err(History::Unavailable(why)) => {
+                        tracing::warn!(db = %hub.name(), peer = %peer, "{why}: the replica must restore");
+                        s.history_unavailable();
+                    }
+                },
                 PrimaryEvent::RestoreConfigRequested => match &hub.restore_config {
                     Some(c) => {
                         tracing::info!(db = %hub.name(), peer = %peer, "new replica: sending the restore config");

@@ -39,7 +39,7 @@ use crate::config::{db_name, Config, StreamParams};
 use crate::replicate::now_ms;
 use crate::restore::{install, remove_db_files, restore, temp_path, RestoreOptions};
 use crate::s3::S3Storage;
-use crate::server::{parse_restore_config, read_history_in, RestoreSource};
+use crate::server::{parse_restore_config, stream_history, RestoreSource};
 use crate::shutdown::Shutdown;
 use crate::storage::{FsStorage, Storage};
 use crate::transport::{self, ClientTls, FramedStream};
@@ -1250,6 +1250,12 @@ impl PositionFile {
 /// new).
 const BUCKET_POLL: Duration = Duration::from_secs(1);
 
+/// How long a replica following a bucket waits for the file continuing its position when newer
+/// ones are there already, before it rebuilds. Files reach a bucket out of order: the primary
+/// uploads its commits' segments on one thread and compaction's merged files (which may replace
+/// segments never uploaded) on another, behind snapshots and earlier merges.
+const BUCKET_GAP_GRACE: Duration = Duration::from_secs(60);
+
 /// A replica following a database through its bucket alone (no connection to the primary):
 /// it restores the latest backup, then polls for files written after the last one it saw and
 /// applies their transactions, each as one SQLite transaction, as a streamed replica does.
@@ -1372,6 +1378,9 @@ impl BucketFollower {
         let mut said = false;
         let mut failing = false;
         let mut polls = 0u64;
+        // Since when newer files have been in the bucket but none continuing from the position
+        // then (its txid).
+        let mut gap_since: Option<(Instant, u64)> = None;
         loop {
             // Local writes, then what is new in the bucket.
             if let Some(a) = local.applier.as_mut() {
@@ -1430,7 +1439,7 @@ impl BucketFollower {
                     files = self.storage.list()?;
                 }
                 match self.catch_up(&mut local, &files, &mut applied) {
-                    Ok(true) => {}
+                    Ok(true) => gap_since = None,
                     Ok(false) => {
                         // A file it needs is gone or was compacted under an earlier key:
                         // list everything once. A file deleted between that listing and its
@@ -1440,16 +1449,34 @@ impl BucketFollower {
                             self.catch_up(&mut local, &files, &mut applied)
                         });
                         match again {
-                            Ok(true) => {}
+                            Ok(true) => gap_since = None,
                             Ok(false) => {
-                                applied = self.rebuild(
-                                    &mut local,
-                                    &format!(
-                                        "history after txid {} is no longer in the bucket",
+                                if gap_since.is_some_and(|(_, t)| t != applied.pos.txid) {
+                                    gap_since = None;
+                                }
+                                let (since, _) = *gap_since.get_or_insert_with(|| {
+                                    tracing::info!(
+                                        db = %self.db.display(),
+                                        "history after txid {} is not in the bucket, newer files \
+                                         are: waiting up to {BUCKET_GAP_GRACE:?} for it (files \
+                                         can reach the bucket out of order)",
                                         applied.pos.txid
-                                    ),
-                                )?;
-                                files = self.storage.list()?;
+                                    );
+                                    (Instant::now(), applied.pos.txid)
+                                });
+                                if since.elapsed() >= BUCKET_GAP_GRACE {
+                                    gap_since = None;
+                                    applied = self.rebuild(
+                                        &mut local,
+                                        &format!(
+                                            "history after txid {} is no longer in the bucket \
+                                             (missing for {BUCKET_GAP_GRACE:?} while newer \
+                                             files are there)",
+                                            applied.pos.txid
+                                        ),
+                                    )?;
+                                    files = self.storage.list()?;
+                                }
                             }
                             Err(e) => {
                                 tracing::warn!(db = %self.db.display(), "{e:#}; retrying");
@@ -1505,17 +1532,11 @@ impl BucketFollower {
         files: &[FileMeta],
         applied: &mut Applied,
     ) -> Result<bool> {
-        loop {
-            let txns = read_history_in(&self.storage, files, applied.pos, 16 << 20)?;
-            if txns.is_empty() {
-                let newer = files.iter().any(|m| {
-                    m.generation == applied.pos.generation
-                        && m.kind == replited_core::format::Kind::Segment
-                        && m.last_txid > applied.pos.txid
-                });
-                return Ok(!newer);
-            }
-            let mut txns = txns.into_iter().peekable();
+        // Transactions as the walk hands them over, applied in batches of up to 16 MiB.
+        let mut pending: Vec<Txn> = Vec::new();
+        let mut bytes = 0usize;
+        let mut apply = |pending: &mut Vec<Txn>, applied: &mut Applied| -> Result<()> {
+            let mut txns = pending.drain(..).peekable();
             while let Some(t) = txns.next() {
                 let batch = local.run_from(t, |prev, bytes| {
                     txns.next_if(|t| joins_batch(prev, t, bytes, BATCH_BYTES))
@@ -1532,6 +1553,23 @@ impl BucketFollower {
                     let _ = self.sup.send(SupMsg::SchemaChanged);
                 }
             }
-        }
+            Ok(())
+        };
+        stream_history(&self.storage, files, applied.pos, &mut |t| {
+            bytes += t.data_len();
+            pending.push(t);
+            if bytes >= 16 << 20 {
+                bytes = 0;
+                apply(&mut pending, applied)?;
+            }
+            Ok(true)
+        })?;
+        apply(&mut pending, applied)?;
+        let newer = files.iter().any(|m| {
+            m.generation == applied.pos.generation
+                && m.kind == replited_core::format::Kind::Segment
+                && m.last_txid > applied.pos.txid
+        });
+        Ok(!newer)
     }
 }

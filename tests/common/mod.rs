@@ -172,7 +172,7 @@ impl World {
     }
 }
 
-fn now_ns() -> u128 {
+pub fn now_ns() -> u128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

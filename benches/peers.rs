@@ -14,8 +14,8 @@
 //! Workloads (`REPLITED_BENCH=rates|bulk|restore|idle` runs one): single-row commits at 100,
 //! 1,000 and 10,000 tx/s and as fast as possible; a bulk load of 100 transactions of 1 MB; a
 //! 1 GB restore; an idle minute (`REPLITED_IDLE_SECS=3600` for the hour). Sizes:
-//! `REPLITED_BENCH_SECS` (default 10), `REPLITED_BENCH_ROUNDS` (2), `REPLITED_RESTORE_MB`
-//! (1024). A peer that is absent or fails gets "n/a (reason)"; replited failing fails the run.
+//! `REPLITED_BENCH_SECS` (default 10), `REPLITED_BENCH_ROUNDS` (2), `REPLITED_BENCH_RATES`
+//! (`100,1000,10000`), `REPLITED_RESTORE_MB` (1024). A peer that is absent or fails gets "n/a (reason)"; replited failing fails the run.
 //! The report ends with issue 8's targets and whether this run met them;
 //! `REPLITED_BENCH_STRICT=1` fails the run on a target missed.
 //!
@@ -149,7 +149,18 @@ impl Opts {
             test,
             secs,
             rounds: env_num("REPLITED_BENCH_ROUNDS", 2),
-            rates: vec![100, 1000, 10_000],
+            rates: std::env::var("REPLITED_BENCH_RATES").map_or_else(
+                |_| vec![100, 1000, 10_000],
+                |v| {
+                    v.split(',')
+                        .map(|r| {
+                            r.trim().parse().unwrap_or_else(|_| {
+                                panic!("REPLITED_BENCH_RATES={v:?}: rates, comma-separated")
+                            })
+                        })
+                        .collect()
+                },
+            ),
             sustained_n: (2000.0 * secs) as usize,
             bulk_rows: 100,
             bulk_row_bytes: 1_000_000,
@@ -308,6 +319,7 @@ impl World {
             "REPLITED_BENCH",
             "REPLITED_BENCH_SECS",
             "REPLITED_BENCH_ROUNDS",
+            "REPLITED_BENCH_RATES",
             "REPLITED_RESTORE_MB",
             "REPLITED_IDLE_SECS",
             "REPLITED_BENCH_KEEP",

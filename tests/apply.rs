@@ -630,13 +630,13 @@ fn long_read_transaction() {
     assert_eq!(state(&replica), state(&w.db));
 }
 
-/// History read back for a replica (`read_history_in`) stops at its byte budget in whole
+/// History read back for a replica (`stream_history`) stops at its byte budget in whole
 /// transactions, even inside a file holding many more (compaction's merged segments are large):
 /// what it keeps in memory is bounded by the budget, not by the file. Unbounded, it returns
 /// every later transaction.
 #[test]
 fn history_reads_stop_at_their_budget() {
-    use replited::server::read_history_in;
+    use replited::server::stream_history;
     use replited_core::format::Kind;
     use replited_core::pos::Pos;
     let w = World::new("sync-interval = \"300ms\"\ncompaction-interval = \"1h\"");
@@ -657,7 +657,18 @@ fn history_reads_stop_at_their_budget() {
         txid: big.first_txid - 1,
     };
     let budget = 4096;
-    let got = read_history_in(&storage, &files, after, budget).unwrap();
+    // Whole transactions up to `max_bytes` of page data (the one that crosses it is the last).
+    let read_up_to = |max_bytes: usize| {
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        stream_history(&storage, &files, after, &mut |t| {
+            bytes += t.data_len();
+            out.push(t);
+            Ok(bytes < max_bytes)
+        })
+        .unwrap();
+        out
+    };
+    let got = read_up_to(budget);
     assert!(!got.is_empty());
     for (i, t) in got.iter().enumerate() {
         assert_eq!(t.header.txid, big.first_txid + i as u64);
@@ -669,7 +680,7 @@ fn history_reads_stop_at_their_budget() {
         "{} transactions, {bytes} bytes for a budget of {budget} (the file holds {held})",
         got.len()
     );
-    let all = read_history_in(&storage, &files, after, usize::MAX).unwrap();
+    let all = read_up_to(usize::MAX);
     let newest = files.iter().map(|m| m.last_txid).max().unwrap();
     assert_eq!(all.len() as u64, newest - big.first_txid + 1);
     assert_eq!(all.last().unwrap().header.txid, newest);

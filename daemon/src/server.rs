@@ -570,24 +570,6 @@ pub fn stream_history(
     })
 }
 
-/// The transactions after `after` that [`stream_history`] walks to, up to `max_bytes` of
-/// page data (whole transactions: the one that crosses the budget is the last).
-pub fn read_history_in(
-    storage: &dyn Storage,
-    all: &[FileMeta],
-    after: Pos,
-    max_bytes: usize,
-) -> Result<Vec<Txn>> {
-    let mut out = Vec::new();
-    let mut bytes = 0usize;
-    stream_history(storage, all, after, &mut |t| {
-        bytes += t.data_len();
-        out.push(t);
-        Ok(bytes < max_bytes)
-    })?;
-    Ok(out)
-}
-
 /// The stream servers of every database with a `type = "stream"` target, on a runtime thread
 /// of their own. Databases that name the same address share one QUIC endpoint (the replica's
 /// Hello says which database it wants).

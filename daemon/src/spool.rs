@@ -101,6 +101,11 @@ impl Queue {
         })
     }
 
+    /// The files waiting for upload and those in progress.
+    fn pending(&self) -> impl Iterator<Item = FileMeta> + '_ {
+        self.waiting().chain(self.busy.iter().flatten().copied())
+    }
+
     /// Whether no job waits and none is in progress.
     fn idle(&self) -> bool {
         self.jobs.iter().all(VecDeque::is_empty) && self.busy.iter().all(Option::is_none)
@@ -243,9 +248,11 @@ impl SpoolStorage {
     }
 
     fn spooled(&self) -> Vec<FileMeta> {
-        let q = self.shared.q.lock().expect("spool lock");
-        q.waiting()
-            .chain(q.busy.iter().flatten().copied())
+        self.shared
+            .q
+            .lock()
+            .expect("spool lock")
+            .pending()
             .collect()
     }
 }
@@ -582,12 +589,7 @@ impl Storage for SpoolStorage {
 
     fn backlog(&self) -> Option<FileMeta> {
         let q = self.shared.q.lock().expect("spool lock");
-        q.busy
-            .iter()
-            .flatten()
-            .copied()
-            .chain(q.waiting())
-            .min_by_key(|m| (m.first_txid, m.first_time_ms))
+        q.pending().min_by_key(|m| (m.first_txid, m.first_time_ms))
     }
 
     fn last_sync_ms(&self) -> Option<u64> {

@@ -452,7 +452,8 @@ pub struct Replicator {
 /// primary ~3 MB of peak RSS and saved no measurable time (docs/BENCHMARKS.md, seventh pass).
 const READ_FRAMES: usize = 64;
 const FIRST_READ_FRAMES: usize = 4;
-/// Pages of a batch read back from the WAL at once (one io_uring submission).
+/// Pages of a batch read back from the WAL at once (one io_uring submission), across its
+/// transactions.
 const PAGE_BATCH: usize = 64;
 /// Bytes of an encoded segment gathered before they are written to the targets.
 const FLUSH_BYTES: usize = 256 << 10;
@@ -1457,7 +1458,15 @@ impl Replicator {
         let r = (|| -> Result<()> {
             let mut enc = Encoder::new(&header, &mut out)?;
             let ps = self.hashes.page_size() as usize;
+            // Pages still in the WAL are read back `PAGE_BATCH` at a time across transactions
+            // (one submission each), in the order the encoder takes them.
+            let mut ahead = self.batch.iter().flat_map(|c| match &c.pages {
+                Pages::Wal(refs) => refs.as_slice(),
+                Pages::Inline(_) => &[],
+            });
+            let mut offsets: Vec<u64> = Vec::with_capacity(PAGE_BATCH);
             let mut data = Vec::new();
+            let mut used = 0;
             let hub_from = match self.hub {
                 Some(_) => hub_tail(&self.batch, ps),
                 None => self.batch.len(),
@@ -1483,22 +1492,26 @@ impl Replicator {
                             .wal
                             .as_mut()
                             .ok_or_else(|| anyhow!("WAL closed before its pages were written"))?;
-                        for chunk in refs.chunks(PAGE_BATCH) {
-                            let offsets: Vec<u64> = chunk.iter().map(|p| p.offset).collect();
-                            w.file.read_many(&offsets, ps, &mut data)?;
-                            for (i, p) in chunk.iter().enumerate() {
-                                let page = &data[i * ps..(i + 1) * ps];
-                                if page_hash(p.pgno, page) != p.hash {
-                                    return Err(ContinuityLost(format!(
-                                        "page {} changed in the WAL at offset {} after it was scanned",
-                                        p.pgno, p.offset
-                                    ))
-                                    .into());
-                                }
-                                enc.page(p.pgno, page, &mut out)?;
-                                if let Some(t) = txn.as_mut() {
-                                    t.pages.push((p.pgno, page.to_vec()));
-                                }
+                        for p in refs {
+                            if used == offsets.len() {
+                                offsets.clear();
+                                offsets.extend(ahead.by_ref().take(PAGE_BATCH).map(|p| p.offset));
+                                w.file.read_many(&offsets, ps, &mut data)?;
+                                used = 0;
+                            }
+                            debug_assert_eq!(offsets.get(used), Some(&p.offset));
+                            let page = &data[used * ps..(used + 1) * ps];
+                            used += 1;
+                            if page_hash(p.pgno, page) != p.hash {
+                                return Err(ContinuityLost(format!(
+                                    "page {} changed in the WAL at offset {} after it was scanned",
+                                    p.pgno, p.offset
+                                ))
+                                .into());
+                            }
+                            enc.page(p.pgno, page, &mut out)?;
+                            if let Some(t) = txn.as_mut() {
+                                t.pages.push((p.pgno, page.to_vec()));
                             }
                         }
                     }

@@ -233,6 +233,8 @@ struct FsWriter {
     file: File,
     tmp: PathBuf,
     dst: PathBuf,
+    /// Renamed into place: nothing is left under the temporary name.
+    renamed: bool,
 }
 
 impl Write for FsWriter {
@@ -248,17 +250,20 @@ impl Write for FsWriter {
 }
 
 impl ObjectWriter for FsWriter {
-    fn commit(self: Box<Self>) -> io::Result<()> {
+    fn commit(mut self: Box<Self>) -> io::Result<()> {
         self.file.sync_data()?;
         fs::rename(&self.tmp, &self.dst)?;
+        self.renamed = true;
         sync_dir(self.dst.parent().expect("object path has a parent"))
     }
 }
 
 impl Drop for FsWriter {
     fn drop(&mut self) {
-        // After a successful commit the temporary name no longer exists.
-        let _ = fs::remove_file(&self.tmp);
+        // An abandoned or failed write leaves no temporary file behind.
+        if !self.renamed {
+            let _ = fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -342,7 +347,12 @@ impl Storage for FsStorage {
             .truncate(true)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
-        Ok(Box::new(FsWriter { file, tmp, dst }))
+        Ok(Box::new(FsWriter {
+            file,
+            tmp,
+            dst,
+            renamed: false,
+        }))
     }
 
     fn open(&self, meta: &FileMeta) -> Result<Box<dyn Read + Send>> {

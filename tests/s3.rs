@@ -286,6 +286,72 @@ fn compaction_deletes_merged_objects_in_batches() {
     );
 }
 
+/// A merged file whose upload takes long is no lag: the store holds every transaction in it,
+/// in the segments it merged (deleted only once it is stored). `replited_target_lag_seconds`
+/// stays near zero while compaction's upload is held 8 s by a relay — it counted from the merged
+/// file's first commit, so an alert on it fired while nothing was missing — and rises as soon as
+/// a commit's own upload waits.
+#[test]
+fn a_merged_file_waiting_for_upload_is_no_lag() {
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let front = flip_front::FlipFront::start(s.endpoint.trim_start_matches("http://"), 0);
+    // The first compaction comes 5 s after start: the load's segments are all stored by then.
+    let w = World::new("compaction-interval = \"5s\"");
+    configure(
+        &w,
+        &s3_target(&s, BUCKET, &s.secret_key).replace(&s.endpoint, &front.endpoint),
+        false,
+    );
+    let http = format!("127.0.0.1:{}", free_tcp_port());
+    with_http(&w.config, &http, "");
+    front.hold(Some((".l1.seg", Duration::from_secs(8))));
+    let d = w.start("auto");
+    wait_ok(spawn_load(&w.db, 1, 100, &["--rate", "200"]));
+    let lag = |what: &str| {
+        sample(&get_ok(&http, "/metrics"), what, "target=\"s3\"")
+            .unwrap_or_else(|| panic!("no {what} for the s3 target"))
+    };
+    let start = std::time::Instant::now();
+    while front.held() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no merged file uploaded\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Held for 8 s: sampled over 4 of them (a status refresh comes every 200 ms).
+    let held = std::time::Instant::now();
+    while held.elapsed() < Duration::from_secs(4) {
+        let (secs, txns) = (
+            lag("replited_target_lag_seconds"),
+            lag("replited_target_lag_transactions"),
+        );
+        assert!(
+            secs < 1.0 && txns == 0.0,
+            "lag {secs} s, {txns} transactions while only a merged file waits\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A commit's own segment held: the target lacks it, and says so.
+    front.hold(Some((".l0.seg", Duration::from_secs(8))));
+    run_load(&w.db, 101, 101);
+    let start = std::time::Instant::now();
+    while lag("replited_target_lag_seconds") < 1.0 || lag("replited_target_lag_transactions") < 1.0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "no lag while a commit waits for upload\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    front.hold(None);
+    d.stop();
+}
+
 /// A store that does not implement DeleteObjects (answering 501 NotImplemented) gets the
 /// merged objects deleted one request each, after one refused batch: said once in the log,
 /// nothing left behind.

@@ -15,7 +15,7 @@
 //! with backoff, as for any failing target. Files left in the spool by a previous run (a crash,
 //! or a stop while the store was down) are queued again at start.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -50,6 +50,13 @@ struct Queue {
     busy: [Option<FileMeta>; 2],
     /// Unix ms of the last completed upload (0: none yet).
     last_upload_ms: u64,
+    /// Files taken out of the queue before their upload (a merge took them in) whose
+    /// transactions the store lacks until a file covering them is uploaded, and files queued
+    /// again at start-up (their inputs' fate is unknown).
+    dropped: Vec<FileMeta>,
+    /// Per generation, the first transaction of the earliest segment queued in this run: a
+    /// snapshot at or after it repeats what segments hold.
+    segments_from: BTreeMap<u64, u64>,
 }
 
 /// Which upload thread takes a job.
@@ -61,6 +68,11 @@ enum Lane {
     /// Everything else, in order: merged files, snapshots (a merge of hundreds of segments or
     /// a snapshot takes seconds to upload) and deletes.
     Rest,
+}
+
+/// Whether `a` holds every transaction of `b`.
+fn covers(a: &FileMeta, b: &FileMeta) -> bool {
+    a.generation == b.generation && a.first_txid <= b.first_txid && b.last_txid <= a.last_txid
 }
 
 /// The lane whose thread uploads `m`.
@@ -79,7 +91,46 @@ impl Queue {
             Job::Upload(m, _) => lane(m),
             Job::Delete(_) => Lane::Rest,
         };
+        if let Job::Upload(m, _) = &job {
+            if l == Lane::Fresh {
+                let f = self
+                    .segments_from
+                    .entry(m.generation)
+                    .or_insert(m.first_txid);
+                *f = (*f).min(m.first_txid);
+            }
+        }
         self.jobs[l as usize].push_back(job);
+    }
+
+    /// Whether the store lacks transactions of `m` while `m` waits for upload. Not those of a
+    /// merged file: its inputs stay in the store until it is uploaded (deleted behind it), or
+    /// were dropped from the queue (see `dropped`). Not those of a snapshot repeating the
+    /// state segments of its generation hold; a generation's first snapshot, though.
+    fn lacks(&self, m: &FileMeta) -> bool {
+        match lane(m) {
+            Lane::Fresh => true,
+            Lane::Rest => {
+                m.kind == Kind::Snapshot
+                    && self
+                        .segments_from
+                        .get(&m.generation)
+                        .is_none_or(|&f| m.first_txid < f)
+            }
+        }
+    }
+
+    /// The oldest file whose transactions the store lacks (waiting, in progress or dropped).
+    fn oldest_lacking(&self) -> Option<FileMeta> {
+        self.pending()
+            .filter(|m| self.lacks(m))
+            .chain(self.dropped.iter().copied())
+            .min_by_key(|m| (m.first_txid, m.first_time_ms))
+    }
+
+    /// `m` is in the store: what it covers no longer lacks.
+    fn uploaded(&mut self, m: &FileMeta) {
+        self.dropped.retain(|d| !covers(m, d));
     }
 
     /// The next job for `l`, if it may start now. A delete waits (and what follows it in its
@@ -241,6 +292,10 @@ impl SpoolStorage {
         let mut q = self.shared.q.lock().expect("spool lock");
         for (m, len) in found {
             q.bytes += len;
+            if lane(&m) == Lane::Rest && m.kind == Kind::Segment {
+                // Its inputs may have been dropped from the previous run's queue.
+                q.dropped.push(m);
+            }
             q.push(Job::Upload(m, len));
         }
         self.shared.cv.notify_all();
@@ -369,6 +424,7 @@ fn upload_loop(
                 delay = Duration::from_millis(100);
                 if let Job::Upload(m, len) = job {
                     q.bytes -= len;
+                    q.uploaded(&m);
                     drop(q);
                     let p = dir.join(m.path());
                     if m.kind == Kind::Segment && m.level == 0 {
@@ -588,8 +644,7 @@ impl Storage for SpoolStorage {
     }
 
     fn backlog(&self) -> Option<FileMeta> {
-        let q = self.shared.q.lock().expect("spool lock");
-        q.pending().min_by_key(|m| (m.first_txid, m.first_time_ms))
+        self.shared.q.lock().expect("spool lock").oldest_lacking()
     }
 
     fn last_sync_ms(&self) -> Option<u64> {
@@ -682,6 +737,13 @@ impl Storage for SpoolStorage {
                     Some(i) => {
                         if let Some(Job::Upload(_, len)) = jobs.remove(i) {
                             q.bytes -= len;
+                        }
+                        // A segment's transactions are lacking until the file replacing it
+                        // (queued before this call) is uploaded; one no pending file covers
+                        // (deleted by retention, or its replacement already stored) lacks
+                        // nothing. (A merged file's inputs are in the store, or dropped too.)
+                        if lane(m) == Lane::Fresh && q.pending().any(|p| covers(&p, m)) {
+                            q.dropped.push(*m);
                         }
                         waiting.push(self.path(m));
                     }
@@ -783,19 +845,18 @@ mod tests {
         spool_over(Box::new(FsStorage::at(dir.join("store"))), dir)
     }
 
-    /// A local directory as the remote store whose uploads of `held` wait until `open` is set,
-    /// and which records every delete that would leave the store without a file covering
-    /// what it deleted.
+    /// A local directory as the remote store whose uploads of the files in `held` wait until
+    /// they leave it, and which records every delete that would leave the store without a file
+    /// covering what it deleted.
     struct Gated {
         fs: FsStorage,
-        held: FileMeta,
         gate: Gate,
     }
 
     /// What a test sees of a [`Gated`] store.
     #[derive(Clone)]
     struct Gate {
-        open: Arc<(Mutex<bool>, Condvar)>,
+        held: Arc<(Mutex<Vec<FileMeta>>, Condvar)>,
         uncovered: Arc<Mutex<Vec<FileMeta>>>,
         /// Every upload, in the order they started.
         uploads: Arc<Mutex<Vec<FileMeta>>>,
@@ -813,14 +874,14 @@ mod tests {
         }
         fn create(&self, meta: &FileMeta) -> Result<Box<dyn crate::storage::ObjectWriter>> {
             self.gate.uploads.lock().unwrap().push(*meta);
-            if *meta == self.held {
+            {
                 // Bounded, so a test that failed before opening the gate still ends.
                 let deadline = Instant::now() + Duration::from_secs(20);
-                let mut g = self.gate.open.0.lock().unwrap();
-                while !*g && Instant::now() < deadline {
+                let mut g = self.gate.held.0.lock().unwrap();
+                while g.contains(meta) && Instant::now() < deadline {
                     g = self
                         .gate
-                        .open
+                        .held
                         .1
                         .wait_timeout(g, Duration::from_millis(100))
                         .unwrap()
@@ -990,16 +1051,15 @@ mod tests {
         }
     }
 
-    /// A spool over a [`Gated`] store holding `held`'s upload, and the store's gate.
-    fn gated(dir: &Path, held: FileMeta) -> (SpoolStorage, Gate) {
+    /// A spool over a [`Gated`] store holding the uploads of `held`, and the store's gate.
+    fn gated(dir: &Path, held: &[FileMeta]) -> (SpoolStorage, Gate) {
         let gate = Gate {
-            open: Arc::new((Mutex::new(false), Condvar::new())),
+            held: Arc::new((Mutex::new(held.to_vec()), Condvar::new())),
             uncovered: Arc::new(Mutex::new(Vec::new())),
             uploads: Arc::new(Mutex::new(Vec::new())),
         };
         let store = Gated {
             fs: FsStorage::at(dir.join("store")),
-            held,
             gate: gate.clone(),
         };
         (spool_over(Box::new(store), dir), gate)
@@ -1013,10 +1073,16 @@ mod tests {
         });
     }
 
-    /// Lets the held upload go and waits until every job is done.
+    /// Lets `m`'s upload go.
+    fn let_go(store: &Gate, m: &FileMeta) {
+        store.held.0.lock().unwrap().retain(|h| h != m);
+        store.held.1.notify_all();
+    }
+
+    /// Lets the held uploads go and waits until every job is done.
     fn release(spool: &SpoolStorage, store: &Gate) {
-        *store.open.0.lock().unwrap() = true;
-        store.open.1.notify_all();
+        store.held.0.lock().unwrap().clear();
+        store.held.1.notify_all();
         wait_until("uploads never ended", || {
             spool.shared.q.lock().unwrap().idle()
         });
@@ -1033,7 +1099,7 @@ mod tests {
         // A merge of other segments whose upload is held: what follows waits behind it.
         let held = file(1, 3, 9);
         let dir = tempfile::tempdir().unwrap();
-        let (spool, store) = gated(dir.path(), held);
+        let (spool, store) = gated(dir.path(), &[held]);
         spool.put(&a0, b"a0").unwrap();
         spool.put(&a1, b"a1").unwrap();
         wait_uploaded(&spool, &a1);
@@ -1061,7 +1127,7 @@ mod tests {
     fn a_delete_waits_for_the_upload_of_what_it_deletes() {
         let (seg, merged) = (file(0, 1, 1), file(1, 1, 1));
         let dir = tempfile::tempdir().unwrap();
-        let (spool, store) = gated(dir.path(), seg);
+        let (spool, store) = gated(dir.path(), &[seg]);
         hold(&spool, &seg);
         spool.put(&merged, b"merged").unwrap();
         wait_until("not uploaded", || {
@@ -1086,7 +1152,7 @@ mod tests {
         };
         let fresh = [file(0, 6, 6), file(0, 7, 7)];
         let dir = tempfile::tempdir().unwrap();
-        let (spool, store) = gated(dir.path(), merged);
+        let (spool, store) = gated(dir.path(), &[merged]);
         hold(&spool, &merged);
         spool.put(&snapshot, b"snapshot").unwrap();
         spool.put(&fresh[0], b"six").unwrap();
@@ -1101,5 +1167,53 @@ mod tests {
         let mut stored = FsStorage::at(dir.path().join("store")).list().unwrap();
         stored.sort_by_key(|m| (m.first_txid, m.level));
         assert_eq!(stored.len(), 4);
+    }
+
+    /// The oldest file whose transactions the store lacks, which a target's lag is measured
+    /// from: not a merged file whose inputs are stored (its upload takes seconds under a busy
+    /// load: the lag alert fired while nothing was missing), not a snapshot repeating what
+    /// stored segments hold; but a segment dropped from the queue, until the merged file
+    /// replacing it is stored, and a generation's first snapshot.
+    #[test]
+    fn the_backlog_is_what_the_store_lacks() {
+        let (a0, a1, l1) = (file(0, 1, 1), file(0, 2, 2), file(1, 1, 2));
+        let (h, b, m) = (file(0, 3, 3), file(0, 4, 4), file(1, 3, 4));
+        let again = FileMeta {
+            kind: Kind::Snapshot,
+            ..file(0, 2, 2)
+        };
+        let first = FileMeta {
+            kind: Kind::Snapshot,
+            generation: 2,
+            ..file(0, 9, 9)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, store) = gated(dir.path(), &[l1, h]);
+        spool.put(&a0, b"a0").unwrap();
+        spool.put(&a1, b"a1").unwrap();
+        wait_uploaded(&spool, &a1);
+        assert_eq!(spool.backlog(), None);
+        // Stored segments merged; the merged file's upload is held (what follows in its lane
+        // waits behind it).
+        hold(&spool, &l1);
+        spool.delete(&[a0, a1]).unwrap();
+        assert_eq!(spool.backlog(), None);
+        spool.put(&again, b"snapshot").unwrap();
+        assert_eq!(spool.backlog(), None);
+        spool.put(&first, b"snapshot").unwrap();
+        assert_eq!(spool.backlog(), Some(first));
+        // h's upload is held and b waits behind it; both are merged into m, then h uploads:
+        // b's transactions are only in m, which waits.
+        hold(&spool, &h);
+        spool.put(&b, b"b").unwrap();
+        assert_eq!(spool.backlog(), Some(h));
+        spool.put(&m, b"m").unwrap();
+        spool.delete(&[h, b]).unwrap();
+        let_go(&store, &h);
+        wait_uploaded(&spool, &h);
+        assert_eq!(spool.backlog(), Some(b));
+        release(&spool, &store);
+        assert_eq!(spool.backlog(), None);
+        assert_eq!(*store.uncovered.lock().unwrap(), Vec::<FileMeta>::new());
     }
 }

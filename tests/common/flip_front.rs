@@ -3,20 +3,32 @@
 //! holds `X-Amz-Signature`: the uploads replited streams from its files), as a bad NIC or
 //! middlebox would, and relays every other byte unchanged — or, started with
 //! [`FlipFront::refusing_bulk_delete`], plays a store without DeleteObjects: a multi-object
-//! delete (`POST …?delete`) is answered `501 NotImplemented`. Declared from a test file with
+//! delete (`POST …?delete`) is answered `501 NotImplemented`. Any of them holds requests whose
+//! first line names what [`FlipFront::hold`] was given for a while before relaying them (a slow
+//! upload of one kind of file). Declared from a test file with
 //! `#[path = "common/flip_front.rs"] mod flip_front;`.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Requests held before they are relayed: those whose first line contains the text, for how
+/// long; and how many were.
+#[derive(Default)]
+struct Hold {
+    what: Mutex<Option<(String, Duration)>>,
+    held: AtomicU64,
+}
 
 pub struct FlipFront {
     /// `http://127.0.0.1:PORT`
     pub endpoint: String,
     flipped: Arc<AtomicU64>,
     refused: Arc<AtomicU64>,
+    hold: Arc<Hold>,
 }
 
 impl FlipFront {
@@ -35,12 +47,18 @@ impl FlipFront {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let flipped = Arc::new(AtomicU64::new(0));
         let refused = Arc::new(AtomicU64::new(0));
-        let (f, r, upstream) = (flipped.clone(), refused.clone(), upstream.to_string());
+        let hold = Arc::new(Hold::default());
+        let (f, r, h, upstream) = (
+            flipped.clone(),
+            refused.clone(),
+            hold.clone(),
+            upstream.to_string(),
+        );
         std::thread::spawn(move || {
             for c in listener.incoming().flatten() {
-                let (f, r, upstream) = (f.clone(), r.clone(), upstream.clone());
+                let (f, r, h, upstream) = (f.clone(), r.clone(), h.clone(), upstream.clone());
                 std::thread::spawn(move || {
-                    let _ = relay(c, &upstream, &f, n, refuse.then_some(&*r));
+                    let _ = relay(c, &upstream, &f, n, refuse.then_some(&*r), &h);
                 });
             }
         });
@@ -48,7 +66,19 @@ impl FlipFront {
             endpoint,
             flipped,
             refused,
+            hold,
         }
+    }
+
+    /// From now on, requests whose first line (method and target) contains `what` wait `d`
+    /// before they are relayed; `None`: none.
+    pub fn hold(&self, what: Option<(&str, Duration)>) {
+        *self.hold.what.lock().unwrap() = what.map(|(w, d)| (w.to_string(), d));
+    }
+
+    /// Requests held so far (counted as their wait begins).
+    pub fn held(&self) -> u64 {
+        self.hold.held.load(Ordering::SeqCst)
     }
 
     /// Multi-object deletes refused so far.
@@ -65,13 +95,14 @@ impl FlipFront {
 /// One connection (one request: replited's client opens one per request): reads the request's
 /// head, flips the body's first byte when it is a presigned PUT and the budget allows, then
 /// copies both ways until either side closes. With `refused`, a multi-object delete is answered
-/// 501 (and counted) instead.
+/// 501 (and counted) instead. A request `hold` names waits first.
 fn relay(
     mut c: TcpStream,
     upstream: &str,
     flipped: &AtomicU64,
     n: u64,
     refused: Option<&AtomicU64>,
+    hold: &Hold,
 ) -> std::io::Result<()> {
     let mut up = TcpStream::connect(upstream)?;
     let mut buf = Vec::new();
@@ -88,6 +119,17 @@ fn relay(
     };
     let first_line =
         String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap()]).into_owned();
+    let wait = hold
+        .what
+        .lock()
+        .unwrap()
+        .as_ref()
+        .filter(|(w, _)| first_line.contains(w.as_str()))
+        .map(|(_, d)| *d);
+    if let Some(d) = wait {
+        hold.held.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(d);
+    }
     if let Some(refused) = refused.filter(|_| {
         first_line.starts_with("POST ")
             && first_line

@@ -7,8 +7,10 @@
 //! stays bounded whatever their size), then uploaded — in 5 MiB parts from 5 MiB on, each
 //! request's body read from the file as it is sent (presigned with its `Content-MD5`) — with
 //! retries (exponential backoff with jitter); `commit` returns only once the object is complete.
-//! An upload of the same name is idempotent (the names say what they hold). Reads download to a
-//! temporary file, which the reader consumes and which is gone once it is closed.
+//! An upload of the same name is idempotent (the names say what they hold). Reads stream: a
+//! thread downloads the object and hands it to the reader in chunks as it arrives (a few ahead
+//! at most); an attempt that fails midway resumes with a ranged GET from the byte it reached,
+//! and a reader that stops early (a header read) stops the download.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -484,6 +486,189 @@ impl S3Storage {
     }
 }
 
+/// Bytes of a download handed to its reader at once.
+const CHUNK: usize = 256 << 10;
+/// Chunks a download gets ahead of its reader at most.
+const CHUNKS_AHEAD: usize = 4;
+
+/// What a download thread hands its reader.
+enum Chunk {
+    Data(Vec<u8>),
+    End,
+    Failed(anyhow::Error),
+}
+
+/// A stored object read as it downloads (see the module's documentation).
+struct Download {
+    rx: std::sync::mpsc::Receiver<Chunk>,
+    cur: Vec<u8>,
+    pos: usize,
+    ended: bool,
+    /// Set when the reader is dropped: the download stops.
+    gone: std::sync::Arc<AtomicBool>,
+}
+
+/// The download thread's side: bytes received, gathered into chunks for the reader.
+struct Handover {
+    tx: std::sync::mpsc::SyncSender<Chunk>,
+    buf: Vec<u8>,
+    /// Bytes of the object received so far (where a resumed attempt starts).
+    received: u64,
+}
+
+impl Handover {
+    fn send(&mut self, c: Chunk) -> io::Result<()> {
+        self.tx
+            .send(c)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the reader is gone"))
+    }
+
+    fn hand_over(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let c = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.send(Chunk::Data(c))
+    }
+}
+
+impl Write for Handover {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let n = b.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&b[..n]);
+        self.received += n as u64;
+        if self.buf.len() == CHUNK {
+            self.hand_over()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One GET of `key` into `h`, from the byte `h` reached (a ranged GET then). An answer shorter
+/// than it announced (the connection cut midway) is an error, not a short object: the bytes
+/// that came stay in `h`, and the next attempt asks for the rest.
+fn get_into(bucket: &Bucket, key: &str, h: &mut Handover) -> Result<(), S3Error> {
+    let url = bucket.presign_get(key, PRESIGN_SECS, None)?;
+    let from = h.received;
+    let mut req = attohttpc::get(url).timeout(REQUEST_TIMEOUT);
+    if from > 0 {
+        req = req.header(http::header::RANGE, format!("bytes={from}-"));
+    }
+    let resp = req.send()?;
+    let status = resp.status().as_u16();
+    if !resp.is_success() {
+        return Err(S3Error::HttpFailWithBody(status, resp.text()?));
+    }
+    let announced = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .filter(|_| !resp.headers().contains_key(http::header::CONTENT_ENCODING));
+    let (_, _, mut body) = resp.split();
+    // A store that ignores the range answers the whole object: skip what is already here.
+    let skip = if from > 0 && status != 206 { from } else { 0 };
+    let skipped = io::copy(&mut (&mut body).take(skip), &mut io::sink())?;
+    let got = skipped + io::copy(&mut body, h)?;
+    match announced {
+        Some(n) if got < n => Err(S3Error::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the answer ended after {got} of its {n} bytes"),
+        ))),
+        _ => Ok(()),
+    }
+}
+
+impl Download {
+    /// Starts downloading `key` and waits for its first chunk: an object that cannot be read
+    /// (missing, access denied, the store down through every retry) fails here, as a whole
+    /// download did.
+    fn start(bucket: Box<Bucket>, what: String, key: String) -> Result<Box<dyn Read + Send>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(CHUNKS_AHEAD);
+        let gone = std::sync::Arc::new(AtomicBool::new(false));
+        let g = gone.clone();
+        std::thread::Builder::new()
+            .name("download".into())
+            .spawn(move || {
+                let mut h = Handover {
+                    tx,
+                    buf: Vec::with_capacity(CHUNK),
+                    received: 0,
+                };
+                let doing = format!("downloading {key}");
+                loop {
+                    let from = h.received;
+                    let r = retry(&what, &doing, || {
+                        if g.load(Relaxed) {
+                            return Ok(());
+                        }
+                        REQUESTS.get.fetch_add(1, Relaxed);
+                        get_into(&bucket, &key, &mut h)
+                    });
+                    // (A reader gone meanwhile takes nothing more.)
+                    let _ = match r {
+                        Ok(()) => h.hand_over().and_then(|_| h.send(Chunk::End)),
+                        // Progress since the last round: resume with fresh attempts.
+                        Err(_) if h.received > from && !g.load(Relaxed) => continue,
+                        Err(e) => h.send(Chunk::Failed(e)),
+                    };
+                    return;
+                }
+            })
+            .context("starting a download thread")?;
+        let mut d = Download {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+            ended: false,
+            gone,
+        };
+        match d.next() {
+            Err(e) => Err(e),
+            Ok(()) => Ok(Box::new(d)),
+        }
+    }
+
+    /// Takes the next chunk from the download thread.
+    fn next(&mut self) -> Result<()> {
+        match self.rx.recv() {
+            Ok(Chunk::Data(c)) => {
+                self.cur = c;
+                self.pos = 0;
+                Ok(())
+            }
+            Ok(Chunk::End) => {
+                self.ended = true;
+                Ok(())
+            }
+            Ok(Chunk::Failed(e)) => Err(e),
+            Err(_) => Err(anyhow!(
+                "the download thread ended before the object's last byte"
+            )),
+        }
+    }
+}
+
+impl Read for Download {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() && !self.ended {
+            self.next().map_err(io::Error::other)?;
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        self.gone.store(true, Relaxed);
+    }
+}
+
 /// Runs `f` up to [`ATTEMPTS`] times with exponential backoff and jitter; errors that retrying
 /// cannot fix (access denied, no such bucket, a bad request) are returned at once.
 fn retry<T>(what: &str, doing: &str, mut f: impl FnMut() -> Result<T, S3Error>) -> Result<T> {
@@ -709,18 +894,7 @@ impl Storage for S3Storage {
     }
 
     fn open(&self, meta: &FileMeta) -> Result<Box<dyn Read + Send>> {
-        let key = self.key(meta);
-        let mut file = self.temp_file()?;
-        self.retry(&format!("downloading {key}"), || {
-            file.set_len(0).map_err(S3Error::Io)?;
-            file.seek(SeekFrom::Start(0)).map_err(S3Error::Io)?;
-            REQUESTS.get.fetch_add(1, Relaxed);
-            self.bucket
-                .get_object_to_writer(&key, &mut file)
-                .map(|_| ())
-        })?;
-        file.seek(SeekFrom::Start(0))?;
-        Ok(Box::new(io::BufReader::with_capacity(1 << 20, file)))
+        Download::start(self.bucket.clone(), self.what(), self.key(meta))
     }
 
     /// Compaction deletes the files it merged together: up to 1,000 per request

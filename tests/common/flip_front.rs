@@ -5,7 +5,8 @@
 //! [`FlipFront::refusing_bulk_delete`], plays a store without DeleteObjects: a multi-object
 //! delete (`POST …?delete`) is answered `501 NotImplemented`. Any of them holds requests whose
 //! first line names what [`FlipFront::hold`] was given for a while before relaying them (a slow
-//! upload of one kind of file). Declared from a test file with
+//! upload of one kind of file), and [`FlipFront::cut`] drops the connection of the next GET it
+//! names partway through the answer. Declared from a test file with
 //! `#[path = "common/flip_front.rs"] mod flip_front;`.
 #![allow(dead_code)]
 
@@ -21,6 +22,12 @@ use std::time::Duration;
 struct Hold {
     what: Mutex<Option<(String, Duration)>>,
     held: AtomicU64,
+    /// The next GET whose first line contains the text is cut after that many bytes of its
+    /// answer (once).
+    cut: Mutex<Option<(String, u64)>>,
+    cuts: AtomicU64,
+    /// Requests with a `Range` header.
+    ranged: AtomicU64,
 }
 
 pub struct FlipFront {
@@ -81,6 +88,20 @@ impl FlipFront {
         self.hold.held.load(Ordering::SeqCst)
     }
 
+    /// The next GET whose first line contains `what` loses its connection after `after` bytes
+    /// of the answer (headers included).
+    pub fn cut(&self, what: &str, after: u64) {
+        *self.hold.cut.lock().unwrap() = Some((what.to_string(), after));
+    }
+
+    /// Answers cut so far, and requests that asked for a range.
+    pub fn cuts_and_ranges(&self) -> (u64, u64) {
+        (
+            self.hold.cuts.load(Ordering::SeqCst),
+            self.hold.ranged.load(Ordering::SeqCst),
+        )
+    }
+
     /// Multi-object deletes refused so far.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::SeqCst)
@@ -130,6 +151,19 @@ fn relay(
         hold.held.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(d);
     }
+    if String::from_utf8_lossy(&buf[..head_end])
+        .to_ascii_lowercase()
+        .contains("\r\nrange: bytes=")
+    {
+        hold.ranged.fetch_add(1, Ordering::SeqCst);
+    }
+    let cut_after = {
+        let mut c = hold.cut.lock().unwrap();
+        let hit = first_line.starts_with("GET ")
+            && c.as_ref()
+                .is_some_and(|(w, _)| first_line.contains(w.as_str()));
+        hit.then(|| c.take().map(|(_, n)| n)).flatten()
+    };
     if let Some(refused) = refused.filter(|_| {
         first_line.starts_with("POST ")
             && first_line
@@ -169,10 +203,20 @@ fn relay(
     }
     up.write_all(&buf)?;
     let (mut c2, mut up2) = (c.try_clone()?, up.try_clone()?);
-    let back = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut up2, &mut c2);
-        let _ = c2.shutdown(Shutdown::Write);
+    let back = std::thread::spawn(move || match cut_after {
+        Some(n) => {
+            let _ = std::io::copy(&mut (&mut up2).take(n), &mut c2);
+            let _ = c2.shutdown(Shutdown::Both);
+            let _ = up2.shutdown(Shutdown::Both);
+        }
+        None => {
+            let _ = std::io::copy(&mut up2, &mut c2);
+            let _ = c2.shutdown(Shutdown::Write);
+        }
     });
+    if cut_after.is_some() {
+        hold.cuts.fetch_add(1, Ordering::SeqCst);
+    }
     let _ = std::io::copy(&mut c, &mut up);
     let _ = up.shutdown(Shutdown::Write);
     let _ = back.join();

@@ -391,6 +391,59 @@ fn a_download_cut_midway_resumes_where_it_stopped() {
     assert_eq!(front.cuts_and_ranges(), (1, 1), "{}", stderr(&o));
 }
 
+/// A restore from a store far away opens the files it applies a few ahead: each segment's GET,
+/// held 100 ms by a relay, starts while the files before it are applied, so a restore of many
+/// small files waits for a round trip per few files, not per file.
+#[test]
+fn a_restore_downloads_files_ahead_of_applying_them() {
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let w = World::new("");
+    configure(&w, &s3_target(&s, BUCKET, &s.secret_key), false);
+    let d = w.start("auto");
+    // A commit per segment (compaction comes after 10 s, when the daemon is stopped).
+    wait_ok(spawn_load(&w.db, 1, 30, &["--rate", "30"]));
+    let spool = w.dir.path().join(".data.db-replited-spool");
+    let start = std::time::Instant::now();
+    while waiting(&spool) > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d.stop();
+    let segments = s
+        .keys(BUCKET)
+        .iter()
+        .filter(|k| k.ends_with(".seg"))
+        .count();
+    assert!(segments >= 10, "{segments} segments");
+    let front = flip_front::FlipFront::start(s.endpoint.trim_start_matches("http://"), 0);
+    front.hold(Some((".seg", Duration::from_millis(100))));
+    let out = w.path("restored.db");
+    let o = Command::new(bin())
+        .args(["restore", &format!("s3://{BUCKET}/backups/data.db"), "-o"])
+        .arg(&out)
+        .args(["--endpoint", &front.endpoint])
+        .env("AWS_ACCESS_KEY_ID", &s.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &s.secret_key)
+        .env("AWS_REGION", &s.region)
+        .current_dir(w.dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    assert_eq!(state(&out), state(&w.db));
+    assert!(front.held() >= 10, "{} segment GETs", front.held());
+    assert!(
+        front.most_held_at_once() >= 2,
+        "segment GETs one at a time ({} held, at most {} at once)",
+        front.held(),
+        front.most_held_at_once()
+    );
+}
+
 /// A store that does not implement DeleteObjects (answering 501 NotImplemented) gets the
 /// merged objects deleted one request each, after one refused batch: said once in the log,
 /// nothing left behind.

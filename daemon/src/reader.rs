@@ -40,8 +40,76 @@ pub trait Reading {
 
 /// [`decode_file`] for a [`Reading`], which may place pages itself.
 pub fn decode_file_into(storage: &dyn Storage, meta: &FileMeta, r: &mut dyn Reading) -> Result<()> {
+    decode_opened_into(storage, meta, storage.open(meta)?, r)
+}
+
+/// Files opened ahead of their reader at most (see [`open_ahead`]).
+const OPEN_AHEAD: usize = 3;
+
+type Opening = std::sync::mpsc::Receiver<Result<Box<dyn Read + Send>>>;
+
+/// The files of [`open_ahead`], in order.
+pub struct Opened {
+    rx: std::sync::mpsc::Receiver<Opening>,
+}
+
+impl Opened {
+    /// The next file, or why it could not be opened.
+    pub fn take(&mut self) -> Result<Box<dyn Read + Send>> {
+        self.rx
+            .recv()
+            .ok()
+            .and_then(|o| o.recv().ok())
+            .unwrap_or_else(|| Err(anyhow!("no more files were opened")))
+    }
+}
+
+/// Runs `f` with `metas` opened ahead, in order, each on a thread of its own, a few at once
+/// ([`OPEN_AHEAD`] beyond the one being read): from a remote store the downloads of the next
+/// files run while one is decoded, so a restore of many small files waits for one round trip
+/// per few files, not per file.
+pub fn open_ahead<T>(
+    storage: &dyn Storage,
+    metas: &[FileMeta],
+    f: impl FnOnce(&mut Opened) -> Result<T>,
+) -> Result<T> {
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Opening>(OPEN_AHEAD - 1);
+        std::thread::Builder::new()
+            .name("open-ahead".into())
+            .spawn_scoped(s, move || {
+                for m in metas {
+                    let (otx, orx) = std::sync::mpsc::channel();
+                    // Waits while enough are opened ahead; stops once nothing takes them.
+                    if tx.send(orx).is_err() {
+                        return;
+                    }
+                    let opener = std::thread::Builder::new()
+                        .name("open".into())
+                        .spawn_scoped(s, move || {
+                            let _ = otx.send(storage.open(m));
+                        });
+                    if opener.is_err() {
+                        return;
+                    }
+                }
+            })
+            .context("starting a thread to open files ahead")?;
+        let mut opened = Opened { rx };
+        let r = f(&mut opened);
+        drop(opened);
+        r
+    })
+}
+
+/// [`decode_file_into`] for a file already opened (`input`).
+pub fn decode_opened_into(
+    storage: &dyn Storage,
+    meta: &FileMeta,
+    mut input: Box<dyn Read + Send>,
+    r: &mut dyn Reading,
+) -> Result<()> {
     let loc = storage.locate(meta);
-    let mut input = storage.open(meta)?;
     let mut dec = Decoder::new();
     // Read buffer: `buf[start..filled]` is read and not yet decoded. Refilled in place: the
     // unread tail moves to the front, then a read fills the rest. It starts at 64 KiB (most

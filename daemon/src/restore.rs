@@ -14,7 +14,7 @@ use replited_core::hash::{page_hash, DbHashes};
 use replited_core::name::FileMeta;
 use replited_core::plan::{plan_restore, PlanError, RestorePlan, Target};
 
-use crate::reader::{decode_file_into, Reading};
+use crate::reader::{decode_opened_into, open_ahead, Reading};
 use crate::sqlite;
 use crate::storage::{parent_dir, sync_dir, Storage};
 
@@ -335,21 +335,27 @@ fn apply_plan(
     plan: &RestorePlan,
 ) -> Result<(TxnHeader, u32)> {
     let snap = &files[plan.snapshot];
-    decode_file_into(src, snap, &mut ApplyFile(st, u64::MAX, None))
-        .context("applying the snapshot")?;
-    st.end_txn()
-        .map_err(|e| anyhow!("{}: {e}", src.locate(snap)))?;
-    for &i in &plan.segments {
-        let m = &files[i];
-        decode_file_into(
-            src,
-            m,
-            &mut ApplyFile(st, plan.last_txid, plan.stop_time_ms),
-        )
-        .context("applying a segment")?;
+    let order: Vec<FileMeta> = std::iter::once(*snap)
+        .chain(plan.segments.iter().map(|&i| files[i]))
+        .collect();
+    open_ahead(src, &order, |ahead| {
+        ahead
+            .take()
+            .and_then(|f| decode_opened_into(src, snap, f, &mut ApplyFile(st, u64::MAX, None)))
+            .context("applying the snapshot")?;
         st.end_txn()
-            .map_err(|e| anyhow!("{}: {e}", src.locate(m)))?;
-    }
+            .map_err(|e| anyhow!("{}: {e}", src.locate(snap)))?;
+        for m in &order[1..] {
+            let mut apply = ApplyFile(st, plan.last_txid, plan.stop_time_ms);
+            ahead
+                .take()
+                .and_then(|f| decode_opened_into(src, m, f, &mut apply))
+                .context("applying a segment")?;
+            st.end_txn()
+                .map_err(|e| anyhow!("{}: {e}", src.locate(m)))?;
+        }
+        Ok(())
+    })?;
     st.write_run()?;
     let last = st
         .last

@@ -22,6 +22,9 @@ use std::time::Duration;
 struct Hold {
     what: Mutex<Option<(String, Duration)>>,
     held: AtomicU64,
+    /// Requests held at the moment, and the most held at once.
+    holding: AtomicU64,
+    most: AtomicU64,
     /// The next GET whose first line contains the text is cut after that many bytes of its
     /// answer (once).
     cut: Mutex<Option<(String, u64)>>,
@@ -88,6 +91,11 @@ impl FlipFront {
         self.hold.held.load(Ordering::SeqCst)
     }
 
+    /// The most requests held at once so far.
+    pub fn most_held_at_once(&self) -> u64 {
+        self.hold.most.load(Ordering::SeqCst)
+    }
+
     /// The next GET whose first line contains `what` loses its connection after `after` bytes
     /// of the answer (headers included).
     pub fn cut(&self, what: &str, after: u64) {
@@ -149,7 +157,10 @@ fn relay(
         .map(|(_, d)| *d);
     if let Some(d) = wait {
         hold.held.fetch_add(1, Ordering::SeqCst);
+        let now = hold.holding.fetch_add(1, Ordering::SeqCst) + 1;
+        hold.most.fetch_max(now, Ordering::SeqCst);
         std::thread::sleep(d);
+        hold.holding.fetch_sub(1, Ordering::SeqCst);
     }
     if String::from_utf8_lossy(&buf[..head_end])
         .to_ascii_lowercase()

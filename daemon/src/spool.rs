@@ -48,6 +48,8 @@ struct Queue {
     stop: bool,
     /// The upload in progress in each [`Lane`] (its spool file must stay until it ends).
     busy: [Option<FileMeta>; 2],
+    /// Whether each [`Lane`]'s thread is running a job (an upload or a delete).
+    running: [bool; 2],
     /// Unix ms of the last completed upload (0: none yet).
     last_upload_ms: u64,
     /// Files taken out of the queue before their upload (a merge took them in) whose
@@ -157,9 +159,9 @@ impl Queue {
         self.waiting().chain(self.busy.iter().flatten().copied())
     }
 
-    /// Whether no job waits and none is in progress.
+    /// Whether no job waits and none is in progress (a delete included).
     fn idle(&self) -> bool {
-        self.jobs.iter().all(VecDeque::is_empty) && self.busy.iter().all(Option::is_none)
+        self.jobs.iter().all(VecDeque::is_empty) && !self.running.iter().any(|&r| r)
     }
 }
 
@@ -385,6 +387,7 @@ fn upload_loop(
                     if let Job::Upload(m, _) = &j {
                         q.busy[lane as usize] = Some(*m);
                     }
+                    q.running[lane as usize] = true;
                     break j;
                 }
                 q = shared.cv.wait(q).expect("spool lock");
@@ -407,6 +410,7 @@ fn upload_loop(
         }
         let mut q = shared.q.lock().expect("spool lock");
         q.busy[lane as usize] = None;
+        q.running[lane as usize] = false;
         shared.cv.notify_all();
         match r {
             Ok(()) => {
@@ -750,6 +754,13 @@ impl Storage for SpoolStorage {
                     None => remote.push(*m),
                 }
             }
+            // What no pending file covers any more was deleted without a replacement
+            // (retention took a whole generation): nothing is coming for it.
+            let dropped = std::mem::take(&mut q.dropped);
+            q.dropped = dropped
+                .into_iter()
+                .filter(|d| q.pending().any(|p| covers(&p, d)))
+                .collect();
             if !waiting.is_empty() {
                 // A file dropped here was to cover what deletes queued earlier take out of the
                 // store (the inputs of the merge that made it, deleted once it was queued):
@@ -1215,5 +1226,29 @@ mod tests {
         release(&spool, &store);
         assert_eq!(spool.backlog(), None);
         assert_eq!(*store.uncovered.lock().unwrap(), Vec::<FileMeta>::new());
+    }
+
+    /// A segment dropped for a merged file that is itself deleted before its upload (retention
+    /// took the generation while the store was down) lacks nothing any more: the lag does not
+    /// stay up for good.
+    #[test]
+    fn a_dropped_segment_whose_replacement_is_deleted_lacks_nothing() {
+        let (h, b, m) = (file(0, 1, 1), file(0, 2, 2), file(1, 1, 2));
+        // Another merge, held, so that m waits behind it.
+        let x = file(1, 10, 12);
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, store) = gated(dir.path(), &[h, x]);
+        hold(&spool, &h);
+        hold(&spool, &x);
+        spool.put(&b, b"b").unwrap();
+        spool.put(&m, b"m").unwrap();
+        spool.delete(&[b]).unwrap();
+        let_go(&store, &h);
+        wait_uploaded(&spool, &h);
+        assert_eq!(spool.backlog(), Some(b));
+        spool.delete(&[h, m]).unwrap();
+        assert_eq!(spool.backlog(), None);
+        release(&spool, &store);
+        assert_eq!(spool.backlog(), None);
     }
 }

@@ -352,16 +352,8 @@ fn a_merged_file_waiting_for_upload_is_no_lag() {
     d.stop();
 }
 
-/// A download cut midway (the connection drops after 1 MB of a 5 MB snapshot) resumes from the
-/// byte it reached with a ranged GET, not from the first; the restore is checked as ever.
-#[test]
-fn a_download_cut_midway_resumes_where_it_stopped() {
-    let s = S3Server::start();
-    s.create_bucket(BUCKET);
-    let w = World::new("");
-    configure(&w, &s3_target(&s, BUCKET, &s.secret_key), false);
-    write_blobs(&w.db, 50);
-    let d = w.start("auto");
+/// Stops `d` once the bucket holds a snapshot and nothing waits in the spool.
+fn stop_once_stored(s: &S3Server, w: &World, d: Daemon) {
     let spool = w.dir.path().join(".data.db-replited-spool");
     let start = std::time::Instant::now();
     while !s.keys(BUCKET).iter().any(|k| k.ends_with(".snap")) || waiting(&spool) > 0 {
@@ -373,13 +365,16 @@ fn a_download_cut_midway_resumes_where_it_stopped() {
         std::thread::sleep(Duration::from_millis(100));
     }
     d.stop();
-    let front = flip_front::FlipFront::start(s.endpoint.trim_start_matches("http://"), 0);
-    front.cut(".snap", 1 << 20);
+}
+
+/// `replited restore s3://BUCKET/backups/data.db` from `endpoint` (a relay before `s`), checked
+/// to give the world's database; the restore's log.
+fn restore_through(s: &S3Server, w: &World, endpoint: &str) -> String {
     let out = w.path("restored.db");
     let o = Command::new(bin())
         .args(["restore", &format!("s3://{BUCKET}/backups/data.db"), "-o"])
         .arg(&out)
-        .args(["--endpoint", &front.endpoint])
+        .args(["--endpoint", endpoint])
         .env("AWS_ACCESS_KEY_ID", &s.access_key)
         .env("AWS_SECRET_ACCESS_KEY", &s.secret_key)
         .env("AWS_REGION", &s.region)
@@ -388,7 +383,23 @@ fn a_download_cut_midway_resumes_where_it_stopped() {
         .unwrap();
     assert!(o.status.success(), "restore: {}", stderr(&o));
     assert_eq!(state(&out), state(&w.db));
-    assert_eq!(front.cuts_and_ranges(), (1, 1), "{}", stderr(&o));
+    stderr(&o)
+}
+
+/// A download cut midway (the connection drops after 1 MB of a 5 MB snapshot) resumes from the
+/// byte it reached with a ranged GET, not from the first; the restore is checked as ever.
+#[test]
+fn a_download_cut_midway_resumes_where_it_stopped() {
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let w = World::new("");
+    configure(&w, &s3_target(&s, BUCKET, &s.secret_key), false);
+    write_blobs(&w.db, 50);
+    stop_once_stored(&s, &w, w.start("auto"));
+    let front = flip_front::FlipFront::start(s.endpoint.trim_start_matches("http://"), 0);
+    front.cut(".snap", 1 << 20);
+    let log = restore_through(&s, &w, &front.endpoint);
+    assert_eq!(front.cuts_and_ranges(), (1, 1), "{log}");
 }
 
 /// A restore from a store far away opens the files it applies a few ahead: each segment's GET,
@@ -403,17 +414,7 @@ fn a_restore_downloads_files_ahead_of_applying_them() {
     let d = w.start("auto");
     // A commit per segment (compaction comes after 10 s, when the daemon is stopped).
     wait_ok(spawn_load(&w.db, 1, 30, &["--rate", "30"]));
-    let spool = w.dir.path().join(".data.db-replited-spool");
-    let start = std::time::Instant::now();
-    while waiting(&spool) > 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    d.stop();
+    stop_once_stored(&s, &w, d);
     let segments = s
         .keys(BUCKET)
         .iter()
@@ -422,19 +423,7 @@ fn a_restore_downloads_files_ahead_of_applying_them() {
     assert!(segments >= 10, "{segments} segments");
     let front = flip_front::FlipFront::start(s.endpoint.trim_start_matches("http://"), 0);
     front.hold(Some((".seg", Duration::from_millis(100))));
-    let out = w.path("restored.db");
-    let o = Command::new(bin())
-        .args(["restore", &format!("s3://{BUCKET}/backups/data.db"), "-o"])
-        .arg(&out)
-        .args(["--endpoint", &front.endpoint])
-        .env("AWS_ACCESS_KEY_ID", &s.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &s.secret_key)
-        .env("AWS_REGION", &s.region)
-        .current_dir(w.dir.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "restore: {}", stderr(&o));
-    assert_eq!(state(&out), state(&w.db));
+    restore_through(&s, &w, &front.endpoint);
     assert!(front.held() >= 10, "{} segment GETs", front.held());
     assert!(
         front.most_held_at_once() >= 2,

@@ -632,8 +632,11 @@ fn batched_capture_does_not_wake_per_commit() {
     wait_ok(load);
     let waits = switches() - before;
     eprintln!("capture thread: {waits} waits for 1,500 commits");
+    // 80–140 here on a quiet machine; 449 once in CI beside a release build using both cores
+    // (commits caught mid-publication are looked at again). Waking per commit would be 1,500 at
+    // the least.
     assert!(
-        waits < 300,
+        waits < 750,
         "capture woke {waits} times for 1,500 commits batched for a second"
     );
     d.stop();

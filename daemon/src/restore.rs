@@ -339,18 +339,19 @@ fn apply_plan(
         .chain(plan.segments.iter().map(|&i| files[i]))
         .collect();
     open_ahead(src, &order, |ahead| {
-        ahead
-            .take()
-            .and_then(|f| decode_opened_into(src, snap, f, &mut ApplyFile(st, u64::MAX, None)))
-            .context("applying the snapshot")?;
-        st.end_txn()
-            .map_err(|e| anyhow!("{}: {e}", src.locate(snap)))?;
-        for m in &order[1..] {
-            let mut apply = ApplyFile(st, plan.last_txid, plan.stop_time_ms);
+        for (k, m) in order.iter().enumerate() {
+            // The snapshot whole; the segments up to the plan's txid and time.
+            let (what, mut apply) = match k {
+                0 => ("applying the snapshot", ApplyFile(st, u64::MAX, None)),
+                _ => (
+                    "applying a segment",
+                    ApplyFile(st, plan.last_txid, plan.stop_time_ms),
+                ),
+            };
             ahead
                 .take()
                 .and_then(|f| decode_opened_into(src, m, f, &mut apply))
-                .context("applying a segment")?;
+                .context(what)?;
             st.end_txn()
                 .map_err(|e| anyhow!("{}: {e}", src.locate(m)))?;
         }

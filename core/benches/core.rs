@@ -1,6 +1,8 @@
 //! Micro-benchmarks of the core's hot paths: the SQLite WAL checksum (beside a
 //! plain memcpy of the same bytes), WAL frame checksum/encoding, segment and
-//! snapshot encoding/decoding (raw and lz4) and raw lz4 on one page.
+//! snapshot encoding/decoding (raw and lz4), a segment whose transactions write the same few
+//! pages again (stored as deltas) beside the same transactions one file each, and raw lz4 on
+//! one page.
 //!
 //! `cargo bench -p replited-core` runs them (well under two minutes);
 //! `cargo bench -p replited-core -- --test` runs each once (CI).
@@ -164,16 +166,47 @@ fn file_header(kind: Kind, compression: Compression, last_txid: u64, last_time: 
 /// 256 transactions of 4 pages each over a 1,024-page database (every page
 /// written once), with the database checksums a capture would compute.
 fn segment(compression: Compression) -> File {
-    let db_pages = SEGMENT_TXNS * PAGES_PER_TXN;
-    let mut db = DbHashes::new(PAGE_SIZE as u32);
-    let mut txns = Vec::new();
-    for k in 0..SEGMENT_TXNS {
-        let pages: Pages = (0..PAGES_PER_TXN)
+    segment_of(compression, SEGMENT_TXNS * PAGES_PER_TXN, |k| {
+        (0..PAGES_PER_TXN)
             .map(|j| {
                 let pgno = k * PAGES_PER_TXN + j + 1;
                 (pgno, page(u64::from(pgno)))
             })
-            .collect();
+            .collect()
+    })
+}
+
+/// 256 transactions of 4 pages each, all within 16 hot pages (a counter, a table's last leaf,
+/// an index's...): each write changes 48 bytes of the page's previous version, as an insert
+/// changes a cell, its pointer and the page header. Page 1 is in every transaction.
+fn hot_segment() -> File {
+    let db_pages = 16;
+    let mut current: Vec<Vec<u8>> = (0..=db_pages).map(|p| page(u64::from(p))).collect();
+    segment_of(Compression::Lz4, db_pages, |k| {
+        [1, 2 + k % 4, 6 + k % 4, 10 + k % 6]
+            .iter()
+            .map(|&pgno| {
+                let p = &mut current[pgno as usize];
+                let at = 100 + (k as usize * 37) % (PAGE_SIZE - 200);
+                XorShift(u64::from(k) << 8 | u64::from(pgno) | 1).fill(&mut p[at..at + 40]);
+                p[8..16].copy_from_slice(&u64::from(k).to_be_bytes());
+                (pgno, p.clone())
+            })
+            .collect()
+    })
+}
+
+/// A segment of [`SEGMENT_TXNS`] transactions of a `db_pages`-page database, transaction `k`
+/// writing `pages_of(k)`, with the database checksums a capture would compute.
+fn segment_of(
+    compression: Compression,
+    db_pages: u32,
+    mut pages_of: impl FnMut(u32) -> Pages,
+) -> File {
+    let mut db = DbHashes::new(PAGE_SIZE as u32);
+    let mut txns = Vec::new();
+    for k in 0..SEGMENT_TXNS {
+        let pages = pages_of(k);
         for (pgno, data) in &pages {
             db.set(*pgno, page_hash(*pgno, data));
         }
@@ -182,7 +215,7 @@ fn segment(compression: Compression) -> File {
             txid: u64::from(k) + 1,
             time_ms: T0 + u64::from(k),
             db_pages,
-            page_count: PAGES_PER_TXN,
+            page_count: pages.len() as u32,
             db_checksum: db.checksum(),
         };
         txns.push((th, pages));
@@ -194,6 +227,33 @@ fn segment(compression: Compression) -> File {
         ..file_header(Kind::Segment, compression, last.txid, last.time_ms)
     };
     File { header, txns }
+}
+
+/// Encodes each transaction of `f` as a file of its own (as capture with `sync-interval = "0s"`
+/// does under a steady load: nothing earlier in the file to be a delta against); returns the
+/// bytes written.
+fn encode_each(f: &File, out: &mut Vec<u8>) -> usize {
+    let mut total = 0;
+    for (th, pages) in &f.txns {
+        out.clear();
+        let h = FileHeader {
+            first_txid: th.txid,
+            last_txid: th.txid,
+            first_time_ms: th.time_ms,
+            last_time_ms: th.time_ms,
+            db_checksum: th.db_checksum,
+            db_pages: th.db_pages,
+            ..f.header
+        };
+        let mut enc = Encoder::new(&h, out).unwrap();
+        enc.begin_txn(th, out).unwrap();
+        for (pgno, data) in pages {
+            enc.page(*pgno, data, out).unwrap();
+        }
+        enc.finish(out).unwrap();
+        total += out.len();
+    }
+    total
 }
 
 /// One transaction holding all 1,024 pages of the database.
@@ -286,8 +346,25 @@ fn bench_segment(c: &mut Criterion) {
     let files = [
         ("none", segment(Compression::None)),
         ("lz4", segment(Compression::Lz4)),
+        ("lz4-hot", hot_segment()),
     ];
     bench_files(c, "segment", &files);
+    // The hot transactions one file each: lz4 only.
+    let hot = hot_segment();
+    let mut out = Vec::new();
+    let bytes = encode_each(&hot, &mut out);
+    eprintln!(
+        "segment/lz4-hot-each: {} files, {} page bytes -> {bytes} file bytes ({:.1}%)",
+        hot.txns.len(),
+        hot.page_bytes(),
+        100.0 * bytes as f64 / hot.page_bytes() as f64
+    );
+    let mut g = group(c, "segment");
+    g.throughput(Throughput::Bytes(hot.page_bytes()));
+    g.bench_function(BenchmarkId::new("encode", "lz4-hot-each"), |b| {
+        b.iter(|| encode_each(black_box(&hot), &mut out))
+    });
+    g.finish();
 }
 
 fn bench_snapshot(c: &mut Criterion) {

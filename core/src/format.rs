@@ -5,7 +5,8 @@
 //!
 //! File header (104 bytes):
 //!  0   4  magic b"RPLT"
-//!  4   2  version = 1
+//!  4   2  version: 2 for an lz4 segment of more than one transaction (its
+//!         page records may be deltas, below), else 1
 //!  6   1  kind: 1 = snapshot, 2 = segment
 //!  7   1  compression: 0 = none, 1 = lz4 (each page its own lz4 block)
 //!  8   4  page size (power of two, 512..=65536)
@@ -42,8 +43,19 @@
 //!   0  4  page number (>= 1)
 //!   4  4  stored length L: L == page size means raw bytes; 0 < L < page size
 //!         means an lz4 block that decompresses to exactly page size (only in
-//!         an lz4 file); anything else is invalid
-//!   8  L  data
+//!         an lz4 file); L == 0x8000_0000 | D with D < page size means a delta
+//!         of D bytes (only in a version 2 file); anything else is invalid
+//!   8  L  data (D for a delta)
+//!
+//!  A delta is the page as its earlier version in this file with patches
+//!  applied. The earlier version is the last record of the same page number,
+//!  which must be in the window: the encoder and the decoder each keep the
+//!  last record of the DELTA_WINDOW_BYTES / page size (at least 1) most
+//!  recently recorded page numbers, recording every page record of every
+//!  transaction but the file's last. Patches, in order, none overlapping:
+//!   0  2  offset in the page
+//!   2  2  length - 1
+//!   4  n  the bytes at that offset
 //!
 //! Trailer (16 bytes):
 //!  0  8  magic b"RPLTEND\0"
@@ -54,7 +66,12 @@
 //! pages 1..=n all present; its database checksum is verified against its
 //! pages by both the encoder and the decoder. In an lz4 file a page that does
 //! not shrink is stored raw (L == page size).
+//!
+//! Deltas make a segment of many transactions small and cheap: a page that
+//! several transactions change (a table's last leaf, a counter) is stored
+//! whole once and then as the bytes that changed.
 
+use alloc::collections::BTreeMap;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
@@ -78,8 +95,20 @@ pub const TRAILER_LEN: usize = 16;
 pub const MAGIC: [u8; 4] = *b"RPLT";
 /// Trailer magic.
 pub const TRAILER_MAGIC: [u8; 8] = *b"RPLTEND\0";
-/// The format version this crate reads and writes.
+/// The format version of a file that cannot hold delta records.
 pub const VERSION: u16 = 1;
+/// The format version of a file that may hold delta records (an lz4 segment of more than one
+/// transaction).
+pub const VERSION_DELTAS: u16 = 2;
+/// Stored-length flag of a delta record.
+pub const DELTA_FLAG: u32 = 0x8000_0000;
+/// Bytes of earlier page versions delta records may refer to: the window holds the last record
+/// of `DELTA_WINDOW_BYTES / page size` (at least 1) page numbers, the most recently recorded.
+pub const DELTA_WINDOW_BYTES: usize = 1 << 20;
+/// Length of a delta patch's header (offset, length - 1).
+pub const PATCH_HEADER_LEN: usize = 4;
+/// Equal bytes in a row that end a patch (fewer are carried inside it: a patch header costs 4).
+const PATCH_GAP: usize = 8;
 
 /// Offset of the magic in the file header.
 pub const FH_MAGIC: usize = 0;
@@ -155,6 +184,11 @@ fn be64(b: &[u8], at: usize) -> u64 {
     let mut x = [0u8; 8];
     x.copy_from_slice(&b[at..at + 8]);
     u64::from_be_bytes(x)
+}
+
+/// The payload length a page record's stored-length field gives (a delta's without its flag).
+fn stored_len(field: u32) -> u32 {
+    field & !DELTA_FLAG
 }
 
 fn put32(b: &mut [u8], at: usize, v: u32) {
@@ -310,11 +344,29 @@ impl FileHeader {
         Ok(())
     }
 
+    /// Whether the file's page records may be deltas: an lz4 segment of more than one
+    /// transaction (written as version 2, which older readers refuse).
+    pub fn has_deltas(&self) -> bool {
+        self.kind == Kind::Segment
+            && self.compression == Compression::Lz4
+            && self.last_txid > self.first_txid
+    }
+
+    /// The format version such a file is written with: [`VERSION_DELTAS`] when its records
+    /// may be deltas, else [`VERSION`].
+    pub fn version(&self) -> u16 {
+        if self.has_deltas() {
+            VERSION_DELTAS
+        } else {
+            VERSION
+        }
+    }
+
     /// Encodes the header, computing its hash. Does not validate.
     pub fn encode(&self) -> [u8; FILE_HEADER_LEN] {
         let mut b = [0u8; FILE_HEADER_LEN];
         b[FH_MAGIC..FH_MAGIC + 4].copy_from_slice(&MAGIC);
-        b[FH_VERSION..FH_VERSION + 2].copy_from_slice(&VERSION.to_be_bytes());
+        b[FH_VERSION..FH_VERSION + 2].copy_from_slice(&self.version().to_be_bytes());
         b[FH_KIND] = self.kind.to_byte();
         b[FH_COMPRESSION] = self.compression.to_byte();
         put32(&mut b, FH_PAGE_SIZE, self.page_size);
@@ -347,7 +399,7 @@ impl FileHeader {
             return Err(FormatError::Truncated);
         }
         let version = be16(b, FH_VERSION);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_DELTAS {
             return Err(FormatError::UnsupportedVersion(version));
         }
         let stored = be64(b, FH_HASH);
@@ -390,6 +442,12 @@ impl FileHeader {
             db_pages: be32(b, FH_DB_PAGES),
         };
         h.validate()?;
+        if version != h.version() {
+            return Err(FormatError::WrongVersion {
+                version,
+                expected: h.version(),
+            });
+        }
         Ok(h)
     }
 
@@ -598,6 +656,134 @@ impl Seq {
     }
 }
 
+/// The earlier page versions delta records of one file refer to (see the module's layout):
+/// the last record of each of the most recently recorded page numbers, `cap` at most. The
+/// encoder and the decoder keep the same one.
+#[derive(Clone, Debug)]
+struct Window {
+    cap: usize,
+    stamp: u64,
+    /// Page number → (when last recorded, its data then).
+    pages: BTreeMap<u32, (u64, Vec<u8>)>,
+    /// When last recorded → page number.
+    order: BTreeMap<u64, u32>,
+}
+
+impl Window {
+    fn new(page_size: u32) -> Window {
+        Window {
+            cap: (DELTA_WINDOW_BYTES / page_size as usize).max(1),
+            stamp: 0,
+            pages: BTreeMap::new(),
+            order: BTreeMap::new(),
+        }
+    }
+
+    fn base(&self, pgno: u32) -> Option<&[u8]> {
+        self.pages.get(&pgno).map(|(_, d)| d.as_slice())
+    }
+
+    fn record(&mut self, pgno: u32, data: &[u8]) {
+        self.stamp += 1;
+        let stamp = self.stamp;
+        if let Some((at, d)) = self.pages.get_mut(&pgno) {
+            self.order.remove(at);
+            *at = stamp;
+            d.copy_from_slice(data);
+            self.order.insert(stamp, pgno);
+            return;
+        }
+        let d = if self.pages.len() >= self.cap {
+            // The least recently recorded page number leaves; its buffer is reused.
+            let (_, old) = self.order.pop_first().expect("a full window is not empty");
+            let (_, mut d) = self.pages.remove(&old).expect("the order names pages held");
+            d.copy_from_slice(data);
+            d
+        } else {
+            data.to_vec()
+        };
+        self.pages.insert(pgno, (stamp, d));
+        self.order.insert(stamp, pgno);
+    }
+}
+
+/// Index of the first byte from `i` on where `a` and `b` differ, or their length.
+fn first_difference(a: &[u8], b: &[u8], mut i: usize) -> usize {
+    let n = a.len();
+    // Equal 64-byte blocks are skipped with a slice comparison (a vectorized memcmp), then the
+    // first difference is found a word at a time.
+    while i + 64 <= n && a[i..i + 64] == b[i..i + 64] {
+        i += 64;
+    }
+    while i + 8 <= n {
+        let x = u64::from_le_bytes(a[i..i + 8].try_into().expect("8 bytes"))
+            ^ u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        if x != 0 {
+            return i + (x.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
+}
+
+/// Writes into `out` the patches that turn `base` into `data` (same length, at most 65536),
+/// unless they take `limit` bytes or more: then false.
+pub fn delta_into(base: &[u8], data: &[u8], out: &mut Vec<u8>, limit: usize) -> bool {
+    debug_assert_eq!(base.len(), data.len());
+    out.clear();
+    let n = data.len();
+    let mut i = first_difference(base, data, 0);
+    while i < n {
+        let start = i;
+        // The patch ends before PATCH_GAP equal bytes in a row, or at the page's end.
+        let mut end = i + 1;
+        let mut j = end;
+        while j < n && j - end < PATCH_GAP {
+            if base[j] != data[j] {
+                end = j + 1;
+            }
+            j += 1;
+        }
+        if out.len() + PATCH_HEADER_LEN + (end - start) >= limit {
+            return false;
+        }
+        out.extend_from_slice(&(start as u16).to_be_bytes());
+        out.extend_from_slice(&((end - start - 1) as u16).to_be_bytes());
+        out.extend_from_slice(&data[start..end]);
+        i = first_difference(base, data, end);
+    }
+    true
+}
+
+/// Writes into `page` its `base` with the `patches` applied; false when a patch runs outside the
+/// page, overlaps the one before or is cut short.
+pub fn apply_delta(base: &[u8], patches: &[u8], page: &mut [u8]) -> bool {
+    if base.len() != page.len() {
+        return false;
+    }
+    page.copy_from_slice(base);
+    let mut p = 0;
+    let mut min = 0;
+    while p < patches.len() {
+        if patches.len() - p < PATCH_HEADER_LEN {
+            return false;
+        }
+        let off = be16(patches, p) as usize;
+        let len = be16(patches, p + 2) as usize + 1;
+        p += PATCH_HEADER_LEN;
+        if off < min || off + len > page.len() || patches.len() - p < len {
+            return false;
+        }
+        page[off..off + len].copy_from_slice(&patches[p..p + len]);
+        p += len;
+        min = off + len;
+    }
+    true
+}
+
 /// Streaming encoder: the caller owns the output buffer and may drain it to a
 /// file between calls (memory stays bounded by one page). Every call checks
 /// the layout's rules before writing anything, except that a snapshot's
@@ -607,6 +793,12 @@ pub struct Encoder {
     seq: Seq,
     hasher: Xxh3,
     scratch: Vec<u8>,
+    /// Earlier versions of pages, in a file that may hold deltas.
+    window: Option<Window>,
+    /// The current transaction's pages go into the window (it is not the file's last).
+    recording: bool,
+    /// The last delta's patches.
+    delta: Vec<u8>,
 }
 
 impl fmt::Debug for Encoder {
@@ -633,6 +825,9 @@ impl Encoder {
             seq: Seq::new(*header),
             hasher,
             scratch,
+            window: header.has_deltas().then(|| Window::new(header.page_size)),
+            recording: false,
+            delta: Vec::new(),
         })
     }
 
@@ -646,6 +841,7 @@ impl Encoder {
     pub fn begin_txn(&mut self, txn: &TxnHeader, out: &mut Vec<u8>) -> Result<(), FormatError> {
         self.seq.check_txn(txn)?;
         self.seq.start_txn(txn);
+        self.recording = self.window.is_some() && txn.txid < self.seq.header.last_txid;
         let b = txn.encode();
         self.hasher.update(&b);
         out.extend_from_slice(&b);
@@ -661,7 +857,11 @@ impl Encoder {
     /// Like [`Encoder::page`], with `stored` the payload another file holds for exactly
     /// `data` ([`Decoder::stored`], which checked it decompresses to `data`): a compressed
     /// one is copied as it is instead of compressing `data` again (when this file is
-    /// compressed too).
+    /// compressed too, and the page is not stored as a delta here).
+    ///
+    /// In a file that may hold deltas, a page whose earlier version is in the window is stored
+    /// as a delta when its patches take less than a quarter of a page (about what lz4 leaves of
+    /// a typical page).
     pub fn page_as_stored(
         &mut self,
         pgno: u32,
@@ -681,25 +881,39 @@ impl Encoder {
         let xor = self.seq.check_page_data(
             (self.seq.header.kind == Kind::Snapshot).then(|| page_hash(pgno, data)),
         );
-        let stored: &[u8] = match (self.seq.header.compression, stored) {
-            (Compression::None, _) => data,
-            (Compression::Lz4, Some(s)) if !s.is_empty() && s.len() < data.len() => s,
-            (Compression::Lz4, _) => {
-                match lz4_flex::block::compress_into(data, &mut self.scratch) {
-                    Ok(n) if n > 0 && n < data.len() => &self.scratch[..n],
-                    _ => data,
+        let delta = match self.window.as_ref().and_then(|w| w.base(pgno)) {
+            Some(base) => delta_into(base, data, &mut self.delta, data.len() / 4),
+            None => false,
+        };
+        let (stored, len): (&[u8], u32) = if delta {
+            (&self.delta, DELTA_FLAG | self.delta.len() as u32)
+        } else {
+            let s = match (self.seq.header.compression, stored) {
+                (Compression::None, _) => data,
+                (Compression::Lz4, Some(s)) if !s.is_empty() && s.len() < data.len() => s,
+                (Compression::Lz4, _) => {
+                    match lz4_flex::block::compress_into(data, &mut self.scratch) {
+                        Ok(n) if n > 0 && n < data.len() => &self.scratch[..n],
+                        _ => data,
+                    }
                 }
-            }
+            };
+            (s, s.len() as u32)
         };
         let mut rec = [0u8; PAGE_RECORD_HEADER_LEN];
         put32(&mut rec, PR_PGNO, pgno);
-        put32(&mut rec, PR_LEN, stored.len() as u32);
+        put32(&mut rec, PR_LEN, len);
         self.hasher.update(&rec);
         self.hasher.update(stored);
         out.extend_from_slice(&rec);
         out.extend_from_slice(stored);
         let xor = xor?;
         self.seq.accept_page(pgno, xor);
+        if self.recording {
+            if let Some(w) = self.window.as_mut() {
+                w.record(pgno, data);
+            }
+        }
         Ok(())
     }
 
@@ -766,6 +980,10 @@ pub struct Decoder {
     /// The last page's [`page_hash`], when the decoder computed it (in a snapshot).
     page_hash: Option<u64>,
     file_hash: Option<u64>,
+    /// Earlier versions of pages, in a file that may hold deltas.
+    window: Option<Window>,
+    /// The current transaction's pages go into the window (it is not the file's last).
+    recording: bool,
 }
 
 impl fmt::Debug for Decoder {
@@ -794,6 +1012,8 @@ impl Decoder {
             stored: Vec::new(),
             page_hash: None,
             file_hash: None,
+            window: None,
+            recording: false,
         }
     }
 
@@ -828,6 +1048,7 @@ impl Decoder {
         let h = FileHeader::decode(&input[..FILE_HEADER_LEN])?;
         self.hasher.update(&input[..FILE_HEADER_LEN]);
         self.seq = Some(Seq::new(h));
+        self.window = h.has_deltas().then(|| Window::new(h.page_size));
         self.page = vec![0u8; h.page_size as usize];
         self.state = State::Txn;
         Ok((FILE_HEADER_LEN, Some(Event::Header(h))))
@@ -862,6 +1083,7 @@ impl Decoder {
         let t = TxnHeader::decode(input);
         seq.check_txn(&t)?;
         seq.start_txn(&t);
+        self.recording = self.window.is_some() && t.txid < seq.header.last_txid;
         self.hasher.update(&input[..TXN_HEADER_LEN]);
         self.state = if t.page_count > 0 {
             State::Page
@@ -880,11 +1102,8 @@ impl Decoder {
         if self.state != State::Page || input.len() < PAGE_RECORD_HEADER_LEN {
             return None;
         }
-        let len = be32(input, PR_LEN);
-        if len == 0
-            || len > seq.header.page_size
-            || input.len() < PAGE_RECORD_HEADER_LEN + len as usize
-        {
+        let len = stored_len(be32(input, PR_LEN));
+        if len > seq.header.page_size || input.len() < PAGE_RECORD_HEADER_LEN + len as usize {
             return None;
         }
         Some(be32(input, PR_PGNO))
@@ -922,19 +1141,33 @@ impl Decoder {
             return Ok((0, None));
         }
         let pgno = be32(input, PR_PGNO);
-        let len = be32(input, PR_LEN);
+        let field = be32(input, PR_LEN);
         seq.check_pgno(pgno)?;
         let page_size = seq.header.page_size;
-        if len == 0 || len > page_size {
+        let delta = field & DELTA_FLAG != 0;
+        let len = stored_len(field);
+        if delta {
+            if len >= page_size {
+                return Err(FormatError::BadPageLength {
+                    pgno,
+                    len: field,
+                    page_size,
+                });
+            }
+        } else if len == 0 || len > page_size {
             return Err(FormatError::BadPageLength {
                 pgno,
                 len,
                 page_size,
             });
-        }
-        if len < page_size && seq.header.compression == Compression::None {
+        } else if len < page_size && seq.header.compression == Compression::None {
             return Err(FormatError::UnexpectedCompression { pgno, len });
         }
+        let base = match (delta, self.window.as_ref()) {
+            (false, _) => None,
+            (true, Some(w)) => Some(w.base(pgno).ok_or(FormatError::DeltaWithoutBase { pgno })?),
+            (true, None) => return Err(FormatError::UnexpectedDelta { pgno }),
+        };
         let total = PAGE_RECORD_HEADER_LEN + len as usize;
         if input.len() < total {
             return Ok((0, None));
@@ -948,7 +1181,11 @@ impl Decoder {
             }
             None => &mut self.page,
         };
-        if len == page_size {
+        if let Some(base) = base {
+            if !apply_delta(base, data, page) {
+                return Err(FormatError::BadDelta { pgno });
+            }
+        } else if len == page_size {
             page.copy_from_slice(data);
         } else {
             match lz4_flex::block::decompress_into(data, page) {
@@ -962,8 +1199,13 @@ impl Decoder {
         self.page_hash = hash;
         self.hasher.update(&input[..total]);
         self.stored.clear();
-        if len < page_size && own {
+        if !delta && len < page_size && own {
             self.stored.extend_from_slice(data);
+        }
+        if self.recording {
+            if let Some(w) = self.window.as_mut() {
+                w.record(pgno, page);
+            }
         }
         if seq.remaining == 0 {
             self.state = State::Txn;
@@ -984,7 +1226,8 @@ impl Decoder {
     }
 
     /// The last [`Event::Page`]'s record payload as stored: lz4 of [`Decoder::page`] when
-    /// shorter than a page, else the page itself. [`Encoder::page_as_stored`] takes it to copy
+    /// shorter than a page, else the page itself (also for a delta: its patches are of no use
+    /// without this file's earlier versions). [`Encoder::page_as_stored`] takes it to copy
     /// a page from one file to another without compressing it again.
     pub fn stored(&self) -> &[u8] {
         if self.stored.is_empty() {
@@ -1038,7 +1281,7 @@ pub enum FormatError {
     Truncated,
     /// The file does not start with "RPLT".
     BadMagic,
-    /// A format version other than 1.
+    /// A format version other than 1 and 2.
     UnsupportedVersion(u16),
     /// A kind byte other than 1 or 2.
     BadKind(u8),
@@ -1202,6 +1445,30 @@ pub enum FormatError {
         /// The page number.
         pgno: u32,
     },
+    /// A delta record in a file that cannot hold one (version 1, uncompressed, a snapshot, a
+    /// single transaction).
+    UnexpectedDelta {
+        /// The page number.
+        pgno: u32,
+    },
+    /// A delta record for a page with no earlier version in the window.
+    DeltaWithoutBase {
+        /// The page number.
+        pgno: u32,
+    },
+    /// A delta whose patches run outside the page, overlap or are cut short.
+    BadDelta {
+        /// The page number.
+        pgno: u32,
+    },
+    /// A file header whose version is not the one its fields call for (2 exactly for an lz4
+    /// segment of more than one transaction).
+    WrongVersion {
+        /// The version stored.
+        version: u16,
+        /// The version the fields call for.
+        expected: u16,
+    },
     /// Page data given to the encoder is not page size bytes long.
     PageDataLength {
         /// The page number.
@@ -1359,6 +1626,22 @@ impl fmt::Display for FormatError {
             Decompress { pgno } => write!(
                 f,
                 "page {pgno}: lz4 block does not decompress to exactly the page size"
+            ),
+            UnexpectedDelta { pgno } => write!(
+                f,
+                "page {pgno}: a delta record in a file that cannot hold deltas"
+            ),
+            DeltaWithoutBase { pgno } => write!(
+                f,
+                "page {pgno}: a delta record with no earlier version of the page to apply it to"
+            ),
+            BadDelta { pgno } => write!(
+                f,
+                "page {pgno}: a delta record whose patches run outside the page or overlap"
+            ),
+            WrongVersion { version, expected } => write!(
+                f,
+                "version {version} in a header whose fields call for version {expected}"
             ),
             PageDataLength {
                 pgno,

@@ -336,11 +336,72 @@ fn small_files() -> Vec<Vec<u8>> {
             },
         ];
         v.push(encode(&h, &txns).0);
+        // Page 2 changed by three transactions: in an lz4 file, two delta records.
+        let h = header(Kind::Segment, compression, 512, 5, 7);
+        let v2 = edited(&page(512, 2, 0), 1, 40);
+        let txns = vec![
+            Txn {
+                time_ms: 1_700_000_000_000,
+                db_pages: 3,
+                pages: vec![(2, page(512, 2, 0))],
+            },
+            Txn {
+                time_ms: 1_700_000_000_100,
+                db_pages: 3,
+                pages: vec![(1, page(512, 1, 0)), (2, v2.clone())],
+            },
+            Txn {
+                time_ms: 1_700_000_000_500,
+                db_pages: 3,
+                pages: vec![(2, edited(&v2, 2, 300))],
+            },
+        ];
+        let file = encode(&h, &txns).0;
+        assert_eq!(
+            deltas(&file),
+            if compression == Compression::Lz4 {
+                2
+            } else {
+                0
+            }
+        );
+        v.push(file);
         let mut h = header(Kind::Snapshot, compression, 512, 5, 5);
         h.wal = None;
         v.push(encode(&h, &snapshot_txns(512, 2)).0);
     }
     v
+}
+
+/// `p` with a few bytes changed at `at` (as an insert into a B-tree page changes a header, a
+/// cell pointer and a cell).
+fn edited(p: &[u8], seed: u8, at: usize) -> Vec<u8> {
+    let mut p = p.to_vec();
+    p[at] ^= seed;
+    p[at + 1] = p[at + 1].wrapping_add(seed);
+    let n = p.len();
+    p[n - 20..n - 20 + 10].fill(seed);
+    p
+}
+
+/// How many page records of `file` are deltas.
+fn deltas(file: &[u8]) -> usize {
+    let mut d = Decoder::new();
+    let mut pos = 0;
+    let mut n = 0;
+    loop {
+        let at = pos;
+        let (used, ev) = d.decode(&file[pos..]).unwrap();
+        pos += used;
+        match ev.unwrap() {
+            Event::Page(_) => {
+                let len = u32::from_be_bytes(file[at + 4..at + 8].try_into().unwrap());
+                n += usize::from(len & DELTA_FLAG != 0);
+            }
+            Event::End => return n,
+            _ => {}
+        }
+    }
 }
 
 #[test]
@@ -452,10 +513,45 @@ fn file_header_round_trip_and_rules() {
         FileHeader::decode(&b)
     };
     assert_eq!(rehashed(&|b| b[0] = b'X'), Err(FormatError::BadMagic));
+    // An lz4 segment of several transactions is version 2 (its records may be deltas); any
+    // other file version 1; both must be the one the fields call for.
+    assert_eq!(h.encode()[4..6], [0, 2]);
     assert_eq!(
-        rehashed(&|b| b[5] = 2),
-        Err(FormatError::UnsupportedVersion(2))
+        rehashed(&|b| b[5] = 3),
+        Err(FormatError::UnsupportedVersion(3))
     );
+    assert_eq!(
+        rehashed(&|b| b[5] = 1),
+        Err(FormatError::WrongVersion {
+            version: 1,
+            expected: 2
+        })
+    );
+    for x in [
+        FileHeader {
+            compression: Compression::None,
+            ..h
+        },
+        FileHeader {
+            last_txid: 10,
+            last_time_ms: h.first_time_ms,
+            ..h
+        },
+    ] {
+        let mut b = x.encode();
+        assert_eq!(b[4..6], [0, 1]);
+        assert_eq!(FileHeader::decode(&b), Ok(x));
+        b[5] = 2;
+        let hh = xxhash_rust::xxh3::xxh3_64(&b[..FH_HASH]);
+        b[FH_HASH..].copy_from_slice(&hh.to_be_bytes());
+        assert_eq!(
+            FileHeader::decode(&b),
+            Err(FormatError::WrongVersion {
+                version: 2,
+                expected: 1
+            })
+        );
+    }
     assert_eq!(rehashed(&|b| b[6] = 3), Err(FormatError::BadKind(3)));
     assert_eq!(rehashed(&|b| b[6] = 0), Err(FormatError::BadKind(0)));
     assert_eq!(rehashed(&|b| b[7] = 2), Err(FormatError::BadCompression(2)));
@@ -682,19 +778,23 @@ fn retrailer(f: &mut [u8]) {
     f[n + 8..].copy_from_slice(&h.to_be_bytes());
 }
 
+/// `file` changed by `f` (its trailer hash made right again) is refused with `want`, decoded
+/// whole or a byte at a time.
+fn refused_when(file: &[u8], f: &dyn Fn(&mut Vec<u8>), want: FormatError) {
+    let mut x = file.to_vec();
+    f(&mut x);
+    retrailer(&mut x);
+    assert_eq!(decode(&x, usize::MAX), Err(want));
+    assert_eq!(decode(&x, 1), Err(want));
+}
+
 #[test]
 fn decoder_rules_on_crafted_files() {
     let h = header(Kind::Segment, Compression::None, 512, 1, 2);
     let txns = segment_txns(512)[..2].to_vec();
     let (file, _, _) = encode(&h, &txns);
     let rec = FILE_HEADER_LEN + TXN_HEADER_LEN; // first page record
-    let expect = |f: &dyn Fn(&mut Vec<u8>), want: FormatError| {
-        let mut x = file.clone();
-        f(&mut x);
-        retrailer(&mut x);
-        assert_eq!(decode(&x, usize::MAX), Err(want));
-        assert_eq!(decode(&x, 1), Err(want));
-    };
+    let expect = |f: &dyn Fn(&mut Vec<u8>), want| refused_when(&file, f, want);
     expect(
         &|x| x[rec + 4..rec + 8].copy_from_slice(&100u32.to_be_bytes()),
         FormatError::UnexpectedCompression { pgno: 1, len: 100 },
@@ -866,4 +966,200 @@ fn copying_pages_as_stored_gives_the_same_file() {
         &txns,
     );
     assert_eq!(copy_as_stored(&raw, Compression::Lz4).0, want);
+}
+
+/// Where each page record of `file` starts, with its page number and stored-length field.
+fn records(file: &[u8]) -> Vec<(usize, u32, u32)> {
+    let mut d = Decoder::new();
+    let mut pos = 0;
+    let mut v = Vec::new();
+    loop {
+        let at = pos;
+        let (used, ev) = d.decode(&file[pos..]).unwrap();
+        pos += used;
+        match ev.unwrap() {
+            Event::Page(p) => v.push((
+                at,
+                p,
+                u32::from_be_bytes(file[at + 4..at + 8].try_into().unwrap()),
+            )),
+            Event::End => return v,
+            _ => {}
+        }
+    }
+}
+
+/// A page that many transactions of a segment change is stored whole once and then as the
+/// bytes that changed: the file is a small fraction of the same transactions' files one by one
+/// (lz4 only, nothing earlier to refer to), and decodes (into the decoder's buffer and the
+/// caller's, in any chunks) to every version.
+#[test]
+fn deltas_store_a_page_many_transactions_change_once() {
+    let ps = 4096;
+    let (mut counter, mut leaf) = (page(ps, 1, 0), page(ps, 5, 0));
+    let mut txns = Vec::new();
+    for k in 0..200u32 {
+        counter = edited(&counter, (k % 250 + 1) as u8, 60);
+        leaf = edited(&leaf, (k % 200 + 3) as u8, 100 + (k as usize * 13) % 3000);
+        txns.push(Txn {
+            time_ms: 1_700_000_000_000 + u64::from(k),
+            db_pages: 8,
+            pages: vec![(1, counter.clone()), (5, leaf.clone())],
+        });
+    }
+    let h = header(Kind::Segment, Compression::Lz4, ps, 1, 200);
+    let (file, _, headers) = encode(&h, &txns);
+    let want = expected_events(&h, &headers, &txns);
+    assert_eq!(decode(&file, usize::MAX).unwrap(), want);
+    assert_eq!(decode(&file, 1000).unwrap(), want);
+    assert_eq!(deltas(&file), 2 * 199);
+    let one_by_one: usize = txns
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            let txid = k as u64 + 1;
+            let h = header(Kind::Segment, Compression::Lz4, ps, txid, txid);
+            let (f, _, _) = encode(&h, std::slice::from_ref(t));
+            assert_eq!(deltas(&f), 0);
+            f.len()
+        })
+        .sum();
+    assert!(
+        file.len() * 10 < one_by_one,
+        "{} bytes with deltas, {one_by_one} one by one",
+        file.len()
+    );
+}
+
+/// A delta refers only to a page in the window, the last record of the `DELTA_WINDOW_BYTES /
+/// page size` page numbers most recently recorded (16 of 64 KiB pages): a page changed again
+/// after 15 others is a delta, after 16 others it is stored whole again; either way the file
+/// decodes to every version.
+#[test]
+fn a_delta_refers_only_to_a_page_in_the_window() {
+    let ps = 65536u32;
+    assert_eq!(DELTA_WINDOW_BYTES / ps as usize, 16);
+    for (distinct, want) in [(16u32, 16), (17, 0)] {
+        let mut versions: Vec<Vec<u8>> = (1..=distinct).map(|p| page(ps, p, 0)).collect();
+        let mut txns = Vec::new();
+        for k in 0..2 * distinct {
+            let i = (k % distinct) as usize;
+            versions[i] = edited(&versions[i], (k + 1) as u8, 200);
+            txns.push(Txn {
+                time_ms: 1_700_000_000_000 + u64::from(k),
+                db_pages: distinct,
+                pages: vec![(i as u32 + 1, versions[i].clone())],
+            });
+        }
+        let h = header(
+            Kind::Segment,
+            Compression::Lz4,
+            ps,
+            1,
+            u64::from(2 * distinct),
+        );
+        let (file, _, headers) = encode(&h, &txns);
+        assert_eq!(
+            decode(&file, 10_000).unwrap(),
+            expected_events(&h, &headers, &txns)
+        );
+        assert_eq!(deltas(&file), want, "{distinct} pages in turn");
+    }
+}
+
+/// Crafted delta records are refused with the rule they break: one in a file that cannot hold
+/// deltas, one for a page with no earlier version, patches outside the page, a delta as long
+/// as a page.
+#[test]
+fn decoder_rules_on_crafted_deltas() {
+    let ps = 512;
+    let v0 = page(ps, 2, 0);
+    let txns = vec![
+        Txn {
+            time_ms: 1_700_000_000_000,
+            db_pages: 3,
+            pages: vec![(2, v0.clone())],
+        },
+        Txn {
+            time_ms: 1_700_000_000_100,
+            db_pages: 3,
+            pages: vec![(2, edited(&v0, 1, 40))],
+        },
+        Txn {
+            time_ms: 1_700_000_000_200,
+            db_pages: 3,
+            pages: vec![(3, page(ps, 3, 0))],
+        },
+    ];
+    let (file, _, _) = encode(&header(Kind::Segment, Compression::Lz4, ps, 1, 3), &txns);
+    let recs = records(&file);
+    let (at, pgno, field) = recs[1];
+    assert_eq!(pgno, 2);
+    assert!(field & DELTA_FLAG != 0);
+    let expect = |f: &dyn Fn(&mut Vec<u8>), want| refused_when(&file, f, want);
+    expect(
+        &|x| x[at..at + 4].copy_from_slice(&1u32.to_be_bytes()),
+        FormatError::DeltaWithoutBase { pgno: 1 },
+    );
+    expect(
+        &|x| x[at + 8..at + 10].copy_from_slice(&510u16.to_be_bytes()),
+        FormatError::BadDelta { pgno: 2 },
+    );
+    expect(
+        &|x| {
+            let len = (field & !DELTA_FLAG) as usize;
+            x[at + 4..at + 8].copy_from_slice(&(DELTA_FLAG | (len as u32 - 1)).to_be_bytes());
+            x.remove(at + 8 + len - 1);
+        },
+        FormatError::BadDelta { pgno: 2 },
+    );
+    expect(
+        &|x| x[at + 4..at + 8].copy_from_slice(&(DELTA_FLAG | ps).to_be_bytes()),
+        FormatError::BadPageLength {
+            pgno: 2,
+            len: DELTA_FLAG | ps,
+            page_size: ps,
+        },
+    );
+    // The same transactions uncompressed (version 1): the second page raw; as an empty delta
+    // (the page unchanged) it is refused.
+    let (raw, _, _) = encode(&header(Kind::Segment, Compression::None, ps, 1, 3), &txns);
+    assert_eq!(raw[4..6], [0, 1]);
+    let (at, _, field) = records(&raw)[1];
+    assert_eq!(field, ps);
+    let mut x = raw[..at + 4].to_vec();
+    x.extend_from_slice(&DELTA_FLAG.to_be_bytes());
+    x.extend_from_slice(&raw[at + 8 + ps as usize..]);
+    retrailer(&mut x);
+    assert_eq!(
+        decode(&x, usize::MAX),
+        Err(FormatError::UnexpectedDelta { pgno: 2 })
+    );
+}
+
+/// Patches: none for an equal page, the changed bytes otherwise (runs fewer than 8 equal bytes
+/// apart in one patch), refused once they would take the limit; applying them gives the page.
+#[test]
+fn delta_patches() {
+    let base = page(4096, 9, 0);
+    let mut out = Vec::new();
+    assert!(delta_into(&base, &base, &mut out, 100));
+    assert!(out.is_empty());
+    let mut p = base.clone();
+    p[0] ^= 1;
+    p[5] ^= 1; // 4 equal bytes between: one patch
+    p[4095] ^= 1;
+    assert!(delta_into(&base, &p, &mut out, 100));
+    assert_eq!(out.len(), 4 + 6 + 4 + 1);
+    assert_eq!(out[..4], [0, 0, 0, 5]);
+    assert_eq!(out[10..14], [0x0f, 0xff, 0, 0]);
+    let mut back = vec![0; 4096];
+    assert!(apply_delta(&base, &out, &mut back));
+    assert_eq!(back, p);
+    assert!(!delta_into(&base, &p, &mut out, 15));
+    let other = Rng::new(3).bytes(4096);
+    assert!(!delta_into(&base, &other, &mut out, 2048));
+    assert!(delta_into(&base, &other, &mut out, 8192));
+    assert!(apply_delta(&base, &out, &mut back));
+    assert_eq!(back, other);
 }

@@ -119,7 +119,8 @@ fn wal_scan_smoke() {
     }
 }
 
-/// A small valid file: a snapshot or a segment, compressed or not.
+/// A small valid file: a snapshot or a segment, compressed or not; a page of a segment is
+/// often its earlier version with a few bytes changed (a delta record in an lz4 one).
 fn valid_file(rng: &mut Rng) -> Vec<u8> {
     let kind = if rng.below(2) == 0 {
         Kind::Snapshot
@@ -138,6 +139,7 @@ fn valid_file(rng: &mut Rng) -> Vec<u8> {
     };
     let mut db = DbHashes::new(512);
     let mut txns = Vec::new();
+    let mut earlier = std::collections::HashMap::<u32, Vec<u8>>::new();
     for k in 0..ntx {
         let db_pages = 1 + rng.below(3) as u32;
         let pgnos: Vec<u32> = if kind == Kind::Snapshot {
@@ -147,12 +149,20 @@ fn valid_file(rng: &mut Rng) -> Vec<u8> {
         };
         let pages: Vec<Vec<u8>> = pgnos
             .iter()
-            .map(|_| {
-                if rng.below(2) == 0 {
-                    rng.bytes(512)
-                } else {
-                    vec![rng.next() as u8; 512]
-                }
+            .map(|p| {
+                let d = match earlier.get(p) {
+                    Some(e) if rng.below(2) == 0 => {
+                        let mut d = e.clone();
+                        for _ in 0..1 + rng.below(4) {
+                            d[rng.below(512) as usize] ^= 1 + rng.below(255) as u8;
+                        }
+                        d
+                    }
+                    _ if rng.below(2) == 0 => rng.bytes(512),
+                    _ => vec![rng.next() as u8; 512],
+                };
+                earlier.insert(*p, d.clone());
+                d
             })
             .collect();
         for (p, d) in pgnos.iter().zip(&pages) {

@@ -962,6 +962,15 @@ fn spool_limit_holds_capture_back_with_a_clear_error() {
     run_load(&w.db, 1, 50);
     s.stop();
     run_load(&w.db, 51, 1500);
+    // And 2 MB of incompressible rows in one transaction: more than the limit whatever
+    // compaction makes of the commits (merged, their pages are stored as deltas: a fraction of
+    // a megabyte for all).
+    let fill = Command::new("python3")
+        .arg(load_py())
+        .args(["fill", w.db.to_str().unwrap(), "2", "--no-checkpoint"])
+        .status()
+        .unwrap();
+    assert!(fill.success());
     d.wait_for_log("at its limit of 1 MB", Duration::from_secs(60));
     s.restart();
     run_load(&w.db, 1501, 1600);

@@ -462,7 +462,12 @@ fn upload_loop(
                 );
                 let wait = delay + jitter;
                 delay = (delay * 2).min(Duration::from_secs(30));
-                let _ = shared.cv.wait_timeout_while(q, wait, |q| !q.stop);
+                // The other lane's success (the store answers again) ends the wait too: a lane
+                // left sleeping out a backoff of up to 30 s held its files back that long (past
+                // a stop's wait for the spool to drain).
+                let _ = shared
+                    .cv
+                    .wait_timeout_while(q, wait, |q| !q.stop && q.failing.is_some());
             }
         }
     }

@@ -376,6 +376,8 @@ fn upload_loop(
     metrics: UploadMetrics,
 ) {
     let mut delay = Duration::from_millis(100);
+    // Whether a backoff may end when the other lane reaches the store (see below).
+    let mut wake_early = true;
     loop {
         let job = {
             let mut q = shared.q.lock().expect("spool lock");
@@ -426,6 +428,7 @@ fn upload_loop(
                     );
                 }
                 delay = Duration::from_millis(100);
+                wake_early = true;
                 if let Job::Upload(m, len) = job {
                     q.bytes -= len;
                     q.uploaded(&m);
@@ -464,10 +467,15 @@ fn upload_loop(
                 delay = (delay * 2).min(Duration::from_secs(30));
                 // The other lane's success (the store answers again) ends the wait too: a lane
                 // left sleeping out a backoff of up to 30 s held its files back that long (past
-                // a stop's wait for the spool to drain).
-                let _ = shared
+                // a stop's wait for the spool to drain). Not twice in a row: a file that fails
+                // alone while the other lane's uploads succeed is retried at most twice per
+                // backoff, not at every one of their successes.
+                let early = wake_early;
+                let (_q, waited) = shared
                     .cv
-                    .wait_timeout_while(q, wait, |q| !q.stop && q.failing.is_some());
+                    .wait_timeout_while(q, wait, |q| !q.stop && (q.failing.is_some() || !early))
+                    .expect("spool lock");
+                wake_early = waited.timed_out();
             }
         }
     }
@@ -806,6 +814,7 @@ mod tests {
     use super::*;
     use crate::storage::FsStorage;
     use replited_core::format::Kind;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
     /// A local directory as the remote store, with two hooks to line up a race: an upload
@@ -876,6 +885,8 @@ mod tests {
         uncovered: Arc<Mutex<Vec<FileMeta>>>,
         /// Every upload, in the order they started.
         uploads: Arc<Mutex<Vec<FileMeta>>>,
+        /// While set, every upload fails.
+        down: Arc<AtomicBool>,
     }
 
     impl Storage for Gated {
@@ -889,6 +900,9 @@ mod tests {
             self.fs.list()
         }
         fn create(&self, meta: &FileMeta) -> Result<Box<dyn crate::storage::ObjectWriter>> {
+            if self.gate.down.load(Ordering::SeqCst) {
+                bail!("the store is down");
+            }
             self.gate.uploads.lock().unwrap().push(*meta);
             {
                 // Bounded, so a test that failed before opening the gate still ends.
@@ -930,6 +944,36 @@ mod tests {
         fn size(&self, meta: &FileMeta) -> Result<u64> {
             self.fs.size(meta)
         }
+    }
+
+    /// Once the store answers again on one upload thread, the other one resumes at once
+    /// instead of sleeping out its backoff: after a 10 s outage that wait has at least 2.7 s
+    /// left (waits of 0.1, 0.2, ... 6.4 s, each up to half again longer), which held the
+    /// merged files back past a stop's 10 s wait for the spool to drain.
+    #[test]
+    fn an_upload_thread_backing_off_resumes_when_the_store_answers_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, store) = gated(dir.path(), &[]);
+        store.down.store(true, Ordering::SeqCst);
+        let merged = file(1, 1, 5);
+        spool.put(&merged, b"merged").unwrap();
+        std::thread::sleep(Duration::from_secs(10));
+        store.down.store(false, Ordering::SeqCst);
+        let fresh = file(0, 6, 6);
+        spool.put(&fresh, b"six").unwrap();
+        wait_uploaded(&spool, &fresh);
+        let back = Instant::now();
+        while !spool.spooled().is_empty() {
+            assert!(
+                back.elapsed() < Duration::from_millis(1500),
+                "the merged file still waits {:?} after the store answered again",
+                back.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut stored = FsStorage::at(dir.path().join("store")).list().unwrap();
+        stored.sort_by_key(|m| m.first_txid);
+        assert_eq!(stored, vec![merged, fresh]);
     }
 
     /// Waits (up to 10 s, else fails naming `what`) until `done` holds.
@@ -1073,6 +1117,7 @@ mod tests {
             held: Arc::new((Mutex::new(held.to_vec()), Condvar::new())),
             uncovered: Arc::new(Mutex::new(Vec::new())),
             uploads: Arc::new(Mutex::new(Vec::new())),
+            down: Arc::new(AtomicBool::new(false)),
         };
         let store = Gated {
             fs: FsStorage::at(dir.join("store")),

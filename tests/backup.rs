@@ -61,6 +61,12 @@ fn load_kill_restore_io_uring() {
     load_kill_restore("uring");
 }
 
+/// The txid a restore reached, from its log ("… to txid 00000000000005dc …").
+fn restored_txid(r: &std::process::Output) -> u64 {
+    let log = stderr(r);
+    u64::from_str_radix(log.split("to txid ").nth(1).unwrap().get(..16).unwrap(), 16).unwrap()
+}
+
 /// `--timestamp` and `--txid` restore exactly the content committed at that point.
 #[test]
 fn point_in_time() {
@@ -115,9 +121,7 @@ fn point_in_time() {
     let latest = w.path("latest.db");
     let r = w.restore(&["-o", latest.to_str().unwrap()]);
     assert!(r.status.success(), "{}", stderr(&r));
-    let log = stderr(&r);
-    let last_txid =
-        u64::from_str_radix(log.split("to txid ").nth(1).unwrap().get(..16).unwrap(), 16).unwrap();
+    let last_txid = restored_txid(&r);
     let mut seen = None;
     for back in [1000u64, 999, 10] {
         let n = last_txid - back;
@@ -684,9 +688,7 @@ fn batched_segments_store_pages_as_deltas_and_restore_every_transaction() {
     let r = w.restore(&["-o", latest.to_str().unwrap()]);
     assert!(r.status.success(), "{}", stderr(&r));
     assert_eq!(state(&latest), expect(3000));
-    let log = stderr(&r);
-    let last_txid =
-        u64::from_str_radix(log.split("to txid ").nth(1).unwrap().get(..16).unwrap(), 16).unwrap();
+    let last_txid = restored_txid(&r);
     for back in [2999u64, 2222, 1501, 777, 150, 1] {
         let n = last_txid - back;
         let out = w.path(&format!("txid-{n}.db"));

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, Opts};
@@ -115,12 +115,7 @@ impl Rig {
         let w = World::new(&format!(
             "snapshot-interval = \"1s\"\ncompaction-interval = \"1s\"\ncheckpoint-interval = \"1s\"\nmin-checkpoint-page-count = 20\n{extra}"
         ));
-        let fill = Command::new("python3")
-            .arg(load_py())
-            .args(["fill", w.db.to_str().unwrap(), "4"])
-            .status()
-            .unwrap();
-        assert!(fill.success());
+        fill(&w.db, 4, &[]);
         let s3 = (variant % 3 == 2).then(|| {
             let s = S3Server::start();
             s.create_bucket(BUCKET);

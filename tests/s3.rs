@@ -563,12 +563,7 @@ fn one_gigabyte_snapshot_with_bounded_memory() {
     s.create_bucket(BUCKET);
     let w = World::new("");
     configure(&w, &s3_target(&s, BUCKET, &s.secret_key), false);
-    let fill = Command::new("python3")
-        .arg(load_py())
-        .args(["fill", w.db.to_str().unwrap(), "1024"])
-        .status()
-        .unwrap();
-    assert!(fill.success());
+    fill(&w.db, 1024, &[]);
     assert!(fs::metadata(&w.db).unwrap().len() > 1_000_000_000);
     let d = w.start("auto");
     // Wait until the snapshot is in the bucket and nothing waits in the spool.
@@ -965,12 +960,7 @@ fn spool_limit_holds_capture_back_with_a_clear_error() {
     // And 2 MB of incompressible rows in one transaction: more than the limit whatever
     // compaction makes of the commits (merged, their pages are stored as deltas: a fraction of
     // a megabyte for all).
-    let fill = Command::new("python3")
-        .arg(load_py())
-        .args(["fill", w.db.to_str().unwrap(), "2", "--no-checkpoint"])
-        .status()
-        .unwrap();
-    assert!(fill.success());
+    fill(&w.db, 2, &["--no-checkpoint"]);
     d.wait_for_log("at its limit of 1 MB", Duration::from_secs(60));
     s.restart();
     run_load(&w.db, 1501, 1600);

@@ -231,22 +231,33 @@ fn segment_txns(page_size: u32) -> Vec<Txn> {
     ]
 }
 
-fn stored_lengths(file: &[u8]) -> Vec<u32> {
+/// Where each page record of `file` starts, with its page number and stored-length field.
+fn records(file: &[u8]) -> Vec<(usize, u32, u32)> {
     let mut d = Decoder::new();
     let mut pos = 0;
-    let mut lens = Vec::new();
+    let mut v = Vec::new();
     loop {
-        let before = pos;
-        let (n, ev) = d.decode(&file[pos..]).unwrap();
-        pos += n;
-        match ev {
-            Some(Event::Page(_)) => lens.push((n - PAGE_RECORD_HEADER_LEN) as u32),
-            Some(Event::End) => break,
-            Some(_) => {}
-            None => panic!("stuck at {before}"),
+        let at = pos;
+        let (used, ev) = d.decode(&file[pos..]).unwrap();
+        pos += used;
+        match ev.unwrap() {
+            Event::Page(p) => v.push((
+                at,
+                p,
+                u32::from_be_bytes(file[at + 4..at + 8].try_into().unwrap()),
+            )),
+            Event::End => return v,
+            _ => {}
         }
     }
-    lens
+}
+
+/// The payload length of each page record of `file` (a delta's without its flag).
+fn stored_lengths(file: &[u8]) -> Vec<u32> {
+    records(file)
+        .iter()
+        .map(|&(_, _, field)| field & !DELTA_FLAG)
+        .collect()
 }
 
 #[test]
@@ -386,22 +397,10 @@ fn edited(p: &[u8], seed: u8, at: usize) -> Vec<u8> {
 
 /// How many page records of `file` are deltas.
 fn deltas(file: &[u8]) -> usize {
-    let mut d = Decoder::new();
-    let mut pos = 0;
-    let mut n = 0;
-    loop {
-        let at = pos;
-        let (used, ev) = d.decode(&file[pos..]).unwrap();
-        pos += used;
-        match ev.unwrap() {
-            Event::Page(_) => {
-                let len = u32::from_be_bytes(file[at + 4..at + 8].try_into().unwrap());
-                n += usize::from(len & DELTA_FLAG != 0);
-            }
-            Event::End => return n,
-            _ => {}
-        }
-    }
+    records(file)
+        .iter()
+        .filter(|&&(_, _, field)| field & DELTA_FLAG != 0)
+        .count()
 }
 
 #[test]
@@ -966,27 +965,6 @@ fn copying_pages_as_stored_gives_the_same_file() {
         &txns,
     );
     assert_eq!(copy_as_stored(&raw, Compression::Lz4).0, want);
-}
-
-/// Where each page record of `file` starts, with its page number and stored-length field.
-fn records(file: &[u8]) -> Vec<(usize, u32, u32)> {
-    let mut d = Decoder::new();
-    let mut pos = 0;
-    let mut v = Vec::new();
-    loop {
-        let at = pos;
-        let (used, ev) = d.decode(&file[pos..]).unwrap();
-        pos += used;
-        match ev.unwrap() {
-            Event::Page(p) => v.push((
-                at,
-                p,
-                u32::from_be_bytes(file[at + 4..at + 8].try_into().unwrap()),
-            )),
-            Event::End => return v,
-            _ => {}
-        }
-    }
 }
 
 /// A page that many transactions of a segment change is stored whole once and then as the

@@ -285,6 +285,14 @@ pub fn run_load(db: &Path, from: u64, to: u64) {
     ]);
 }
 
+/// `load.py fill DB MB` (then `extra`): MB megabytes of incompressible rows in one transaction.
+pub fn fill(db: &Path, mb: u32, extra: &[&str]) {
+    let mb = mb.to_string();
+    let mut args = vec!["fill", db.to_str().unwrap(), &mb];
+    args.extend_from_slice(extra);
+    python(&args);
+}
+
 /// Starts transactions `from..=to` in the background with extra options.
 pub fn spawn_load(db: &Path, from: u64, to: u64, extra: &[&str]) -> Child {
     Command::new("python3")

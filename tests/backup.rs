@@ -571,6 +571,8 @@ fn two_targets_stay_equal() {
 /// The app's own TRUNCATE checkpoint while replited runs and the app is idle: it waits for
 /// every reader to leave the WAL (holding SQLite's write lock meanwhile), replited's guard
 /// included, so the guard must move promptly — or the app's writers see "database is locked".
+/// Each checkpoint and the writes after it come from processes of their own, as an operator's
+/// `sqlite3` beside the app would: the WAL then restarts with new salts.
 #[test]
 fn app_truncate_checkpoint_completes_while_running() {
     app_truncate_checkpoint_completes("");
@@ -602,7 +604,15 @@ fn app_truncate_checkpoint_completes(extra: &str) {
             "the app's TRUNCATE checkpoint waited {took:?}"
         );
     }
-    d.stop();
+    // The first write after another connection's TRUNCATE checkpoint starts the WAL with new
+    // salts: the history goes on in the same generation (the database is what was captured),
+    // not in a new one with a snapshot of the whole database each time.
+    let log = d.stop();
+    assert_eq!(
+        log.matches("starting a new generation").count(),
+        1,
+        "a checkpoint of the app's started a new generation:\n{log}"
+    );
     let out = w.restore_ok("restored.db");
     assert_eq!(state(&out), expect(900));
 }

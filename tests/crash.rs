@@ -115,7 +115,7 @@ impl Rig {
         let w = World::new(&format!(
             "snapshot-interval = \"1s\"\ncompaction-interval = \"1s\"\ncheckpoint-interval = \"1s\"\nmin-checkpoint-page-count = 20\n{extra}"
         ));
-        fill(&w.db, 4, &[]);
+        fill(&w.db, 4);
         let s3 = (variant % 3 == 2).then(|| {
             let s = S3Server::start();
             s.create_bucket(BUCKET);

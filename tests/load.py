@@ -15,9 +15,8 @@ any transaction can be rebuilt independently and compared with what a restore pr
   load.py expect I        prints "I<TAB>hash" for the content after transaction I, rebuilt in
                           memory from scratch.
   load.py checkpoint DB MODE   runs PRAGMA wal_checkpoint(MODE) and prints the result.
-  load.py fill DB MB [--no-checkpoint]
-                          adds MB megabytes of incompressible rows (table fill) in one
-                          transaction, then runs a TRUNCATE checkpoint (not with --no-checkpoint).
+  load.py fill DB MB      adds MB megabytes of incompressible rows (table fill) in one
+                          transaction, then runs a TRUNCATE checkpoint.
   load.py dump DB         prints a hash of the whole logical content (schema and every row).
   load.py watch DB --until I [--timeout S] [--log FILE]
                           a reader as an app would have one: ONE connection, opened once, reads
@@ -156,8 +155,7 @@ def cmd_fill(args):
     for _ in range(mb * 16):
         conn.execute("INSERT INTO fill (b) VALUES (randomblob(65536))")
     conn.execute("COMMIT")
-    if "--no-checkpoint" not in args:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
 
 

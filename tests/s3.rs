@@ -563,7 +563,7 @@ fn one_gigabyte_snapshot_with_bounded_memory() {
     s.create_bucket(BUCKET);
     let w = World::new("");
     configure(&w, &s3_target(&s, BUCKET, &s.secret_key), false);
-    fill(&w.db, 1024, &[]);
+    fill(&w.db, 1024);
     assert!(fs::metadata(&w.db).unwrap().len() > 1_000_000_000);
     let d = w.start("auto");
     // Wait until the snapshot is in the bucket and nothing waits in the spool.
@@ -959,14 +959,17 @@ fn spool_limit_holds_capture_back_with_a_clear_error() {
     run_load(&w.db, 51, 1500);
     // And 2 MB of incompressible rows in one transaction: more than the limit whatever
     // compaction makes of the commits (merged, their pages are stored as deltas: a fraction of
-    // a megabyte for all).
-    fill(&w.db, 2, &["--no-checkpoint"]);
+    // a megabyte for all). Then the app's TRUNCATE checkpoint, while capture is held back: the
+    // next write (another process) starts the WAL with new salts, and the history goes on in
+    // the same generation (a new one would need a snapshot the full spool cannot take).
+    fill(&w.db, 2);
     d.wait_for_log("at its limit of 1 MB", Duration::from_secs(60));
     s.restart();
     run_load(&w.db, 1501, 1600);
     d.wait_for_log("answers again", Duration::from_secs(60));
     let log = d.stop();
     assert!(!log.contains("stay in the spool"), "{log}");
+    assert_eq!(log.matches("starting a new generation").count(), 1, "{log}");
     let out = w.path("from-s3.db");
     restore_from_url(&s, &w, &out);
     assert_eq!(state(&out), expect(1600));

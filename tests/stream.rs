@@ -63,7 +63,7 @@ fn count(log: &str, needle: &str) -> usize {
 #[test]
 fn replica_follows_a_load_with_one_reader_connection() {
     let c = Cluster::new(Opts::default());
-    fill(&c.pdb, 100, &[]);
+    fill(&c.pdb, 100);
     assert!(fs::metadata(&c.pdb).unwrap().len() > 100_000_000);
     // A stale replica database that --force-restore must replace.
     run_load(&c.rdb, 1, 40);
@@ -527,7 +527,7 @@ fn exec_child_is_supervised() {
 #[test]
 fn snapshot_is_streamed_when_the_backup_is_unreachable() {
     let c = Cluster::new(Opts::default());
-    fill(&c.pdb, 12, &[]);
+    fill(&c.pdb, 12);
     let p = c.primary();
     run_load(&c.pdb, 1, 300);
     let backup = c.dir.path().join("backup");

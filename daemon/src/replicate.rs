@@ -402,8 +402,8 @@ pub struct Replicator {
     /// (WAL salt1, frames) when a checkpoint last found everything backfilled: nothing to do
     /// until the WAL grows or restarts.
     backfilled: Option<(u32, u64)>,
-    /// Continuity with the WAL was lost: establish it again before capturing.
-    needs_establish: bool,
+    /// Continuity with the WAL was lost (why): establish it again before capturing.
+    reestablish: Option<String>,
     /// The stream server's feed, when replicas follow this database.
     hub: Option<Arc<Hub>>,
     /// inotify watch of the database file: it changes only when a checkpoint copies frames
@@ -476,6 +476,15 @@ const DRAIN_READS: usize = 4;
 /// How long a checkpoint waits for SQLite's write lock before it is postponed to a later
 /// wake-up (capture goes on meanwhile).
 const LOCK_PATIENCE: Duration = Duration::from_millis(200);
+/// The longest wait before capture tries again after a failure (doubling from 200 ms): the
+/// WAL grows while capture waits (the app's checkpoints cannot pass the guard), so capture
+/// resumes within this once the store answers again.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How long capture waits before it tries again after `failures` failures in a row.
+fn capture_backoff(failures: u32) -> Duration {
+    Duration::from_millis(100 << failures.clamp(1, 8)).min(MAX_BACKOFF)
+}
 
 impl Replicator {
     /// Opens the database and checks every target, without capturing yet.
@@ -531,7 +540,7 @@ impl Replicator {
             failures: 0,
             retry_at: None,
             backfilled: None,
-            needs_establish: false,
+            reestablish: None,
             hub: None,
             db_watch: None,
             db_modified: false,
@@ -745,7 +754,7 @@ impl Replicator {
                     format!(" (no longer: {})", dropped.join(", "))
                 }
             ));
-            self.needs_establish = true;
+            self.reestablish = Some("the targets changed".into());
             self.follow_targets();
         }
         if old.busy_timeout != new.busy_timeout {
@@ -919,8 +928,13 @@ impl Replicator {
         }
         tracing::info!("shutting down: writing out everything captured");
         // What is already captured is written even if this last look at the WAL fails.
-        if let Err(e) = self.capture() {
-            tracing::warn!("last capture before shutdown: {e:#}");
+        if self.reestablish.is_none() {
+            if let Err(e) = self.capture() {
+                if let Some(c) = e.downcast_ref::<ContinuityLost>() {
+                    self.reestablish = Some(c.0.clone());
+                }
+                tracing::warn!("last capture before shutdown: {e:#}");
+            }
         }
         let mut last = Ok(());
         for _ in 0..3 {
@@ -934,21 +948,32 @@ impl Replicator {
         for g in &self.guards {
             sqlite::end_txn(g);
         }
-        tracing::info!(
-            generation = self.generation,
-            txid = self.txid,
-            "stopped with everything captured written"
-        );
+        match &self.reestablish {
+            // Its transactions since are only in the database (not lost: the next start
+            // compares it with the backup and takes them up).
+            Some(why) => tracing::warn!(
+                generation = self.generation,
+                txid = self.txid,
+                "stopped with the backup behind the database: WAL continuity was lost ({why}) \
+                 and not established again; the next start takes up what was committed after \
+                 txid {}",
+                self.txid
+            ),
+            None => tracing::info!(
+                generation = self.generation,
+                txid = self.txid,
+                "stopped with everything captured written"
+            ),
+        }
         Ok(())
     }
 
     fn fail(&mut self, e: anyhow::Error) {
-        if e.is::<ContinuityLost>() {
-            self.needs_establish = true;
+        if let Some(c) = e.downcast_ref::<ContinuityLost>() {
+            self.reestablish = Some(c.0.clone());
         }
         self.failures += 1;
-        let backoff = Duration::from_millis(100 * (1u64 << self.failures.min(8)))
-            .min(Duration::from_secs(30));
+        let backoff = capture_backoff(self.failures);
         tracing::error!(
             generation = self.generation,
             txid = self.txid,
@@ -978,7 +1003,7 @@ impl Replicator {
     fn defer_wal_writes(&mut self) -> bool {
         if self.cfg.sync_interval.is_zero()
             || self.retry_at.is_some()
-            || self.needs_establish
+            || self.reestablish.is_some()
             || self.scanner.is_none()
         {
             return false;
@@ -1075,19 +1100,21 @@ impl Replicator {
                 return Ok(());
             }
         }
-        if !self.needs_establish {
+        if self.reestablish.is_none() {
             match self.capture() {
                 Ok(()) => {}
-                Err(e) if e.is::<ContinuityLost>() => {
-                    tracing::warn!("{e}; re-establishing");
-                    self.needs_establish = true;
-                }
-                Err(e) => return Err(e),
+                Err(e) => match e.downcast::<ContinuityLost>() {
+                    Ok(c) => {
+                        tracing::warn!("{c}; re-establishing");
+                        self.reestablish = Some(c.0);
+                    }
+                    Err(e) => return Err(e),
+                },
             }
         }
-        if self.needs_establish {
+        if self.reestablish.is_some() {
             self.establish()?;
-            self.needs_establish = false;
+            self.reestablish = None;
             self.announce();
         }
         if let Some(since) = self.batch_since {
@@ -1298,7 +1325,7 @@ impl Replicator {
                     // SQLite restarted the WAL. A restart needs every frame checkpointed and no
                     // reader inside the WAL, which our guard allows only once all frames up to
                     // its mark are durable: the new WAL continues our history.
-                    if h.salt1 != old.salt1.wrapping_add(1) {
+                    if h.salt1 != old.salt1.wrapping_add(1) && !self.restart_continues()? {
                         return Err(ContinuityLost(format!(
                             "WAL salt jumped from {:#x} to {:#x}",
                             old.salt1, h.salt1
@@ -1317,6 +1344,32 @@ impl Replicator {
             }
         }
         self.scan(|me, txn| me.add_txn(txn))
+    }
+
+    /// True when a WAL that restarted with new salts (not the old salt + 1) starts from exactly
+    /// the captured state. The first write after another connection's RESTART or TRUNCATE
+    /// checkpoint picks new salts (only the connection that restarted the WAL counts on from
+    /// the old ones). SQLite restarts the WAL only once every frame is copied back and no reader
+    /// is inside it; the guard is always held, so it then reads the database file alone — and
+    /// keeps any later frame from being copied back — and sees exactly the new WAL's base. That
+    /// base must be the captured state, page for page, with nothing captured waiting unwritten
+    /// (its pages were in the old WAL); anything else is a WAL replaced behind SQLite's back.
+    fn restart_continues(&self) -> Result<bool> {
+        let Some(a) = self.active.filter(|_| self.batch.is_empty()) else {
+            return Ok(false);
+        };
+        let started = Instant::now();
+        let seen = sqlite::db_hashes(&self.guards[a])?;
+        let same = seen.page_size() == self.hashes.page_size()
+            && seen.page_count() == self.hashes.page_count()
+            && seen.checksum() == self.hashes.checksum();
+        tracing::debug!(
+            same,
+            pages = seen.page_count(),
+            took = ?started.elapsed(),
+            "the WAL restarted with new salts: the database compared with the captured state"
+        );
+        Ok(same)
     }
 
     /// Notes whether a frame of the current WAL waits past the published end (a commit being
@@ -1843,13 +1896,15 @@ impl Replicator {
             );
             return Ok(());
         }
-        let why = if chain {
-            "the database shrank while replited was stopped"
-        } else {
-            "the WAL was checkpointed or replaced while replited was stopped"
+        let why = match (&self.reestablish, chain) {
+            (Some(lost), _) => format!("WAL continuity was lost ({lost})"),
+            (None, true) => "the database shrank while replited was stopped".into(),
+            (None, false) => {
+                "the WAL was checkpointed or replaced while replited was stopped".into()
+            }
         };
         let next = self.max_txid().max(st.txid) + 1;
-        self.new_generation(st.generation + 1, next, why, wal_pos)
+        self.new_generation(st.generation + 1, next, &why, wal_pos)
     }
 
     fn new_generation(
@@ -2321,4 +2376,21 @@ pub fn wait_for_db(
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After a failure capture tries again in 200 ms, doubling, and never later than 5 s
+    /// however long the outage (it waited up to 25.6 s before: a store that answered again
+    /// could wait that long for capture to resume, with the WAL growing meanwhile).
+    #[test]
+    fn capture_retries_within_five_seconds_however_long_the_outage() {
+        let waits: Vec<u128> = (1..=6).map(|f| capture_backoff(f).as_millis()).collect();
+        assert_eq!(waits, [200, 400, 800, 1_600, 3_200, 5_000]);
+        for failures in [7, 8, 9, 100, u32::MAX] {
+            assert_eq!(capture_backoff(failures), Duration::from_secs(5));
+        }
+    }
 }

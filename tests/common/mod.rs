@@ -285,12 +285,10 @@ pub fn run_load(db: &Path, from: u64, to: u64) {
     ]);
 }
 
-/// `load.py fill DB MB` (then `extra`): MB megabytes of incompressible rows in one transaction.
-pub fn fill(db: &Path, mb: u32, extra: &[&str]) {
-    let mb = mb.to_string();
-    let mut args = vec!["fill", db.to_str().unwrap(), &mb];
-    args.extend_from_slice(extra);
-    python(&args);
+/// `load.py fill DB MB`: MB megabytes of incompressible rows in one transaction, then the app's
+/// TRUNCATE checkpoint.
+pub fn fill(db: &Path, mb: u32) {
+    python(&["fill", db.to_str().unwrap(), &mb.to_string()]);
 }
 
 /// Starts transactions `from..=to` in the background with extra options.

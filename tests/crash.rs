@@ -715,16 +715,21 @@ fn newest(w: &World) -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
-/// How much of the WAL a power loss cannot take: its header and every frame a checkpoint has
-/// copied into the database (`nBackfill` of the wal-index in `-shm`, native byte order, at
-/// byte 96; the page size is in the WAL header, big-endian, at byte 8).
+/// How much of the WAL a power loss cannot take: its header and every frame a checkpoint may
+/// have copied into the database. A checkpoint records the frames it is about to copy
+/// (`nBackfillAttempted`, byte 128 of the wal-index in `-shm`), syncs the WAL up to them and
+/// only then writes the database, so it is the larger of that and what is copied
+/// (`nBackfill`, byte 96; both native byte order). Taking `nBackfill` alone cut frames whose
+/// pages a checkpoint killed midway had written into the database already: a malformed
+/// database no power loss can make. (The page size is in the WAL header, big-endian, at 8.)
 fn synced_wal_len(w: &World) -> u64 {
     let shm = fs::read(w.path("data.db-shm")).unwrap_or_default();
     let wal = fs::read(w.path("data.db-wal")).unwrap_or_default();
-    if shm.len() < 100 || wal.len() < 32 {
+    if shm.len() < 136 || wal.len() < 32 {
         return 32;
     }
-    let backfill = u32::from_ne_bytes(shm[96..100].try_into().unwrap()) as u64;
+    let at = |i: usize| u32::from_ne_bytes(shm[i..i + 4].try_into().unwrap()) as u64;
+    let backfill = at(96).max(at(128));
     let page = u32::from_be_bytes(wal[8..12].try_into().unwrap()) as u64;
     32 + backfill * (24 + page)
 }

@@ -322,18 +322,19 @@ struct Captured {
     pages: Pages,
 }
 
-/// Where the transactions a stream hub keeps of `batch` begin: the hub holds only the last
-/// [`RECENT_BYTES`] of transactions (at least one; replicas further behind read from storage),
-/// so the pages of the earlier ones are not copied for it.
-fn hub_tail(batch: &[Captured], page_size: usize) -> usize {
+/// Where the transactions a stream hub keeps of `batch` begin, and their bytes: the hub holds
+/// only the last [`RECENT_BYTES`] of transactions (at least one; replicas further behind read
+/// from storage), so the pages of the earlier ones are not copied for it.
+fn hub_tail(batch: &[Captured], page_size: usize) -> (usize, usize) {
     let mut bytes = 0;
     for (i, c) in batch.iter().enumerate().rev() {
-        bytes += c.header.page_count as usize * page_size + 64;
-        if bytes > RECENT_BYTES && i + 1 < batch.len() {
-            return i + 1;
+        let more = c.header.page_count as usize * page_size + 64;
+        if bytes + more > RECENT_BYTES && i + 1 < batch.len() {
+            return (i + 1, bytes);
         }
+        bytes += more;
     }
-    0
+    (0, bytes)
 }
 
 struct OpenWal {
@@ -1520,8 +1521,12 @@ impl Replicator {
             let mut offsets: Vec<u64> = Vec::with_capacity(PAGE_BATCH);
             let mut data = Vec::new();
             let mut used = 0;
-            let hub_from = match self.hub {
-                Some(_) => hub_tail(&self.batch, ps),
+            let hub_from = match &self.hub {
+                Some(hub) => {
+                    let (from, bytes) = hub_tail(&self.batch, ps);
+                    hub.make_room(bytes);
+                    from
+                }
                 None => self.batch.len(),
             };
             for (i, c) in self.batch.iter().enumerate() {

@@ -58,6 +58,17 @@ struct HubState {
     recent_bytes: usize,
 }
 
+impl HubState {
+    /// Drops the oldest transactions (all but the latest) until those kept and `incoming`
+    /// bytes more fit in [`RECENT_BYTES`].
+    fn trim(&mut self, incoming: usize) {
+        while self.recent_bytes + incoming > RECENT_BYTES && self.recent.len() > 1 {
+            let t = self.recent.pop_front().expect("non-empty");
+            self.recent_bytes -= t.data_len() + 64;
+        }
+    }
+}
+
 /// One database's feed of durable transactions, shared by its capture thread and the sessions
 /// of its replicas.
 pub struct Hub {
@@ -216,12 +227,17 @@ impl Hub {
             st.recent_bytes += t.data_len() + 64;
             st.recent.push_back(Arc::new(t));
         }
-        while st.recent_bytes > RECENT_BYTES && st.recent.len() > 1 {
-            let t = st.recent.pop_front().expect("non-empty");
-            st.recent_bytes -= t.data_len() + 64;
-        }
+        st.trim(0);
         drop(st);
         self.bump();
+    }
+
+    /// Drops ahead of time what publishing `incoming` bytes of transactions would: the oldest
+    /// it keeps, all but the latest (replicas up to date still find their position). Called
+    /// before a write-out copies the pages it will publish, so that a write-out of many
+    /// transactions (`sync-interval` above zero) does not hold the old and the new at once.
+    pub fn make_room(&self, incoming: usize) {
+        self.state.lock().expect("hub lock").trim(incoming);
     }
 
     fn position(&self) -> (u32, Option<(Pos, u64)>) {
@@ -972,4 +988,50 @@ async fn stream_snapshot(
     s.send_snapshot_end()?;
     tracing::info!(db = %hub.name(), peer = %peer, txid = r.txid, pages = r.db_pages, "snapshot streamed");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn txn(txid: u64, bytes: usize) -> Arc<Txn> {
+        Arc::new(Txn {
+            generation: 1,
+            header: TxnInfo {
+                txid,
+                time_ms: 0,
+                db_pages: 1,
+                db_checksum: 0,
+            },
+            pages: vec![(1, vec![0; bytes])],
+        })
+    }
+
+    fn kept(st: &HubState) -> Vec<u64> {
+        st.recent.iter().map(|t| t.header.txid).collect()
+    }
+
+    /// Room for a write-out is made before its pages are copied, as publishing it would make
+    /// it afterwards: with a second's worth of transactions (`sync-interval = "1s"` at
+    /// 10,000 tx/s, more than the hub keeps) the old ones no longer stay beside the new copy.
+    #[test]
+    fn room_for_a_write_out_is_made_before_its_pages_are_copied() {
+        let mut st = HubState::default();
+        for txid in 1..=4 {
+            let t = txn(txid, 2 << 20);
+            st.recent_bytes += t.data_len() + 64;
+            st.recent.push_back(t);
+        }
+        // Publishing trims to what fits: 4 × (2 MiB + 64) is just over 8 MiB.
+        st.trim(0);
+        assert_eq!(kept(&st), [2, 3, 4]);
+        // 3 MiB coming: one more goes, as it would once they are published.
+        st.trim(3 << 20);
+        assert_eq!(kept(&st), [3, 4]);
+        // A write-out as large as the hub keeps: all but the latest (replicas up to date
+        // still find their position in it).
+        st.trim(RECENT_BYTES);
+        assert_eq!(kept(&st), [4]);
+        assert_eq!(st.recent_bytes, (2 << 20) + 64);
+    }
 }

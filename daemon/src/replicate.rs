@@ -403,7 +403,7 @@ pub struct Replicator {
     /// (WAL salt1, frames) when a checkpoint last found everything backfilled: nothing to do
     /// until the WAL grows or restarts.
     backfilled: Option<(u32, u64)>,
-    /// Continuity with the WAL was lost (why): establish it again before capturing.
+    /// Why continuity with the WAL must be established again before capturing.
     reestablish: Option<String>,
     /// The stream server's feed, when replicas follow this database.
     hub: Option<Arc<Hub>>,
@@ -932,7 +932,7 @@ impl Replicator {
         if self.reestablish.is_none() {
             if let Err(e) = self.capture() {
                 if let Some(c) = e.downcast_ref::<ContinuityLost>() {
-                    self.reestablish = Some(c.0.clone());
+                    self.reestablish = Some(c.to_string());
                 }
                 tracing::warn!("last capture before shutdown: {e:#}");
             }
@@ -955,9 +955,8 @@ impl Replicator {
             Some(why) => tracing::warn!(
                 generation = self.generation,
                 txid = self.txid,
-                "stopped with the backup behind the database: WAL continuity was lost ({why}) \
-                 and not established again; the next start takes up what was committed after \
-                 txid {}",
+                "stopped with the backup behind the database ({why}; not established again): \
+                 the next start takes up what was committed after txid {}",
                 self.txid
             ),
             None => tracing::info!(
@@ -971,7 +970,7 @@ impl Replicator {
 
     fn fail(&mut self, e: anyhow::Error) {
         if let Some(c) = e.downcast_ref::<ContinuityLost>() {
-            self.reestablish = Some(c.0.clone());
+            self.reestablish = Some(c.to_string());
         }
         self.failures += 1;
         let backoff = capture_backoff(self.failures);
@@ -1107,7 +1106,7 @@ impl Replicator {
                 Err(e) => match e.downcast::<ContinuityLost>() {
                     Ok(c) => {
                         tracing::warn!("{c}; re-establishing");
-                        self.reestablish = Some(c.0);
+                        self.reestablish = Some(c.to_string());
                     }
                     Err(e) => return Err(e),
                 },
@@ -1902,7 +1901,7 @@ impl Replicator {
             return Ok(());
         }
         let why = match (&self.reestablish, chain) {
-            (Some(lost), _) => format!("WAL continuity was lost ({lost})"),
+            (Some(why), _) => why.clone(),
             (None, true) => "the database shrank while replited was stopped".into(),
             (None, false) => {
                 "the WAL was checkpointed or replaced while replited was stopped".into()

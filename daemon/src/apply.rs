@@ -742,7 +742,11 @@ fn put_stamp(page1: &mut [u8], s: &Page1Stamp) {
 /// Runs a PASSIVE checkpoint of the replica at `path` every `every` until `stop` is set, each
 /// with a connection of its own (opened anew each time, so a database replaced by a restore is
 /// followed). Pair with [`Applier::tune_for_streaming`]. A reader holding a read
-/// transaction can hold the WAL's reset back, never the applier.
+/// transaction can hold the WAL's reset back, never the applier. A WAL that has not changed
+/// since a checkpoint copied all of it back is left alone (no connection opened: an idle
+/// replica's checkpoints were most of its CPU), but looked at again after [`SETTLED_RECHECK`]
+/// at the latest (a file's times are only as fine as the kernel's clock tick). `runs` counts
+/// the checkpoints run.
 ///
 /// `lock` is held for each checkpoint: whoever replaces the database file holds it meanwhile, so
 /// a checkpointing connection of the old file never closes (and deletes its `-wal`) next to the
@@ -752,14 +756,27 @@ pub fn checkpoint_loop(
     every: Duration,
     stop: &std::sync::atomic::AtomicBool,
     lock: &tokio::sync::Mutex<()>,
+    runs: &std::sync::atomic::AtomicU64,
 ) {
     use std::sync::atomic::Ordering;
+    // The WAL as it was when a checkpoint last copied all of it back, and when.
+    let mut settled: Option<(WalMark, std::time::Instant)> = None;
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(every);
         let _held = lock.blocking_lock();
         if !path.exists() {
             continue;
         }
+        // Taken before the checkpoint: a write meanwhile changes it, and the next round looks.
+        let Some(mark) = wal_mark(path) else {
+            // No WAL: nothing to copy back.
+            settled = None;
+            continue;
+        };
+        if settled.is_some_and(|(m, at)| m == mark && at.elapsed() < SETTLED_RECHECK) {
+            continue;
+        }
+        runs.fetch_add(1, Ordering::Relaxed);
         let r = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -770,17 +787,39 @@ pub fn checkpoint_loop(
                 Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
             })
         });
+        settled = None;
         match r {
-            Ok((log, done)) => tracing::trace!(log, done, "replica checkpoint (PASSIVE)"),
+            Ok((log, done)) => {
+                tracing::trace!(log, done, "replica checkpoint (PASSIVE)");
+                if log == done {
+                    settled = Some((mark, std::time::Instant::now()));
+                }
+            }
             Err(e) => tracing::debug!("replica checkpoint: {e}"),
         }
     }
+}
+
+/// How long [`checkpoint_loop`] leaves an unchanged, fully copied-back WAL alone at most.
+pub const SETTLED_RECHECK: Duration = Duration::from_secs(10);
+
+/// The `-wal` file's inode, length and modification time (from `stat`: no descriptor opened).
+type WalMark = (u64, u64, i64, i64);
+
+fn wal_mark(db: &Path) -> Option<WalMark> {
+    use std::os::unix::fs::MetadataExt;
+    let mut p = db.as_os_str().to_owned();
+    p.push("-wal");
+    let m = std::fs::metadata(Path::new(&p)).ok()?;
+    Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }
 
 /// A [`checkpoint_loop`] on a thread of its own, for one replica database.
 pub struct Checkpointer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: std::thread::JoinHandle<()>,
+    #[cfg_attr(not(test), allow(dead_code))]
+    runs: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Checkpointer {
@@ -791,16 +830,73 @@ impl Checkpointer {
         lock: std::sync::Arc<tokio::sync::Mutex<()>>,
     ) -> Result<Checkpointer> {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (db, flag) = (path.to_path_buf(), stop.clone());
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (db, flag, count) = (path.to_path_buf(), stop.clone(), runs.clone());
         let thread = std::thread::Builder::new()
             .name("checkpoint".into())
-            .spawn(move || checkpoint_loop(&db, every, &flag, &lock))?;
-        Ok(Checkpointer { stop, thread })
+            .spawn(move || checkpoint_loop(&db, every, &flag, &lock, &count))?;
+        Ok(Checkpointer { stop, thread, runs })
+    }
+
+    /// How many checkpoints it has run.
+    #[cfg(test)]
+    fn runs(&self) -> u64 {
+        self.runs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops it and waits for its thread (at most one interval).
     pub fn stop(self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = self.thread.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle replica's checkpoints: a WAL that changed is checkpointed; one a checkpoint
+    /// copied all of back is left alone (no connection opened for it every 500 ms, which was
+    /// most of an idle replica's CPU) until it changes again.
+    #[test]
+    fn an_unchanged_wal_is_not_checkpointed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("replica.db");
+        let c = Connection::open(&db).unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;
+             CREATE TABLE t (x); INSERT INTO t VALUES (randomblob(9000));",
+        )
+        .unwrap();
+        let every = Duration::from_millis(20);
+        let lock = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+        let ck = Checkpointer::start(&db, every, lock).unwrap();
+        let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+            let t = std::time::Instant::now();
+            while !f() {
+                assert!(t.elapsed() < Duration::from_secs(5), "{what}");
+                std::thread::sleep(every);
+            }
+        };
+        // The first round copies the whole WAL back.
+        let backfilled = || {
+            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok(r.get::<_, i64>(1)? == r.get::<_, i64>(2)?)
+            })
+            .unwrap()
+        };
+        wait_for("no checkpoint ran", &|| ck.runs() >= 1);
+        assert!(backfilled());
+        let settled = ck.runs();
+        // 50 rounds with nothing written: none runs a checkpoint.
+        std::thread::sleep(every * 50);
+        assert_eq!(ck.runs(), settled, "checkpoints of an unchanged WAL");
+        // A write: the next round checkpoints it.
+        c.execute("INSERT INTO t VALUES (randomblob(9000))", [])
+            .unwrap();
+        wait_for("the written WAL was not checkpointed", &|| {
+            ck.runs() > settled
+        });
+        ck.stop();
     }
 }

@@ -801,7 +801,7 @@ pub fn checkpoint_loop(
 }
 
 /// How long [`checkpoint_loop`] leaves an unchanged, fully copied-back WAL alone at most.
-pub const SETTLED_RECHECK: Duration = Duration::from_secs(10);
+const SETTLED_RECHECK: Duration = Duration::from_secs(10);
 
 /// The `-wal` file's inode, length and modification time (from `stat`: no descriptor opened).
 type WalMark = (u64, u64, i64, i64);
@@ -871,13 +871,6 @@ mod tests {
         let every = Duration::from_millis(20);
         let lock = std::sync::Arc::new(tokio::sync::Mutex::new(()));
         let ck = Checkpointer::start(&db, every, lock).unwrap();
-        let wait_for = |what: &str, f: &dyn Fn() -> bool| {
-            let t = std::time::Instant::now();
-            while !f() {
-                assert!(t.elapsed() < Duration::from_secs(5), "{what}");
-                std::thread::sleep(every);
-            }
-        };
         // The first round copies the whole WAL back.
         let backfilled = || {
             c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -885,7 +878,7 @@ mod tests {
             })
             .unwrap()
         };
-        wait_for("no checkpoint ran", &|| ck.runs() >= 1);
+        crate::wait_until("no checkpoint ran", || ck.runs() >= 1);
         assert!(backfilled());
         let settled = ck.runs();
         // 50 rounds with nothing written: none runs a checkpoint.
@@ -894,7 +887,7 @@ mod tests {
         // A write: the next round checkpoints it.
         c.execute("INSERT INTO t VALUES (randomblob(9000))", [])
             .unwrap();
-        wait_for("the written WAL was not checkpointed", &|| {
+        crate::wait_until("the written WAL was not checkpointed", || {
             ck.runs() > settled
         });
         ck.stop();

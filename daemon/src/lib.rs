@@ -26,3 +26,16 @@ pub mod sqlite;
 pub mod storage;
 pub mod transport;
 pub mod walfile;
+
+/// For unit tests: waits (up to 10 s, else fails naming `what`) until `done` holds.
+#[cfg(test)]
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "{what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

@@ -1355,17 +1355,18 @@ impl Replicator {
     /// base must be the captured state, page for page, with nothing captured waiting unwritten
     /// (its pages were in the old WAL); anything else is a WAL replaced behind SQLite's back.
     fn restart_continues(&self) -> Result<bool> {
-        let Some(a) = self.active.filter(|_| self.batch.is_empty()) else {
+        if self.active.is_none() || !self.batch.is_empty() {
             return Ok(false);
-        };
+        }
         let started = Instant::now();
-        let seen = sqlite::db_hashes(&self.guards[a])?;
-        let same = seen.page_size() == self.hashes.page_size()
-            && seen.page_count() == self.hashes.page_count()
-            && seen.checksum() == self.hashes.checksum();
+        let mut changed = 0u32;
+        let (page_size, pages) = self.changed_pages(|_, _, _| changed += 1)?;
+        let same = changed == 0
+            && page_size == self.hashes.page_size()
+            && pages == self.hashes.page_count();
         tracing::debug!(
             same,
-            pages = seen.page_count(),
+            pages,
             took = ?started.elapsed(),
             "the WAL restarted with new salts: the database compared with the captured state"
         );
@@ -2018,19 +2019,11 @@ impl Replicator {
     /// Compares the database, as the guard sees it, page by page with the tracked hashes and
     /// captures any difference as one transaction.
     fn capture_db_changes(&mut self) -> Result<()> {
-        // Read through SQLite, at the guard's snapshot: consistent by SQLite's own locking even
-        // if the app commits and checkpoints meanwhile (and no descriptor of the database file
-        // is ever opened and closed beside SQLite's: that would drop its POSIX locks).
-        let (_, pages) = sqlite::page_geometry(self.guard())?;
         let mut changed = Vec::new();
         let mut hashes = self.hashes.clone();
-        sqlite::for_each_page(self.guard(), |pgno, page| {
-            let h = page_hash(pgno, page);
-            if hashes.get(pgno) != Some(h) {
-                hashes.set(pgno, h);
-                changed.push((pgno, page.to_vec()));
-            }
-            Ok(())
+        let (_, pages) = self.changed_pages(|pgno, page, h| {
+            hashes.set(pgno, h);
+            changed.push((pgno, page.to_vec()));
         })?;
         hashes.set_page_count(pages);
         if changed.is_empty() && pages == self.hashes.page_count() {
@@ -2054,6 +2047,23 @@ impl Replicator {
         });
         self.batch_wal = None;
         self.write_batch()
+    }
+
+    /// Calls `f` with each page of the database as the guard sees it whose hash differs from
+    /// the tracked one (its number, data and hash); returns the guard's page size and count.
+    /// Read through SQLite, at the guard's snapshot: consistent by SQLite's own locking even if
+    /// the app commits and checkpoints meanwhile (and no descriptor of the database file is
+    /// ever opened and closed beside SQLite's: that would drop its POSIX locks).
+    fn changed_pages(&self, mut f: impl FnMut(u32, &[u8], u64)) -> Result<(u32, u32)> {
+        let geometry = sqlite::page_geometry(self.guard())?;
+        sqlite::for_each_page(self.guard(), |pgno, page| {
+            let h = page_hash(pgno, page);
+            if self.hashes.get(pgno) != Some(h) {
+                f(pgno, page, h);
+            }
+            Ok(())
+        })?;
+        Ok(geometry)
     }
 
     fn snapshot(&mut self) -> Result<()> {

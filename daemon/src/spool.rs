@@ -813,6 +813,7 @@ impl Storage for SpoolStorage {
 mod tests {
     use super::*;
     use crate::storage::FsStorage;
+    use crate::wait_until;
     use replited_core::format::Kind;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -974,15 +975,6 @@ mod tests {
         let mut stored = FsStorage::at(dir.path().join("store")).list().unwrap();
         stored.sort_by_key(|m| m.first_txid);
         assert_eq!(stored, vec![merged, fresh]);
-    }
-
-    /// Waits (up to 10 s, else fails naming `what`) until `done` holds.
-    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !done() {
-            assert!(start.elapsed() < Duration::from_secs(10), "{what}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 
     /// Waits (up to 10 s) until `meta` is uploaded and its spooled copy kept.

@@ -739,14 +739,17 @@ fn put_stamp(page1: &mut [u8], s: &Page1Stamp) {
     }
 }
 
-/// Runs a PASSIVE checkpoint of the replica at `path` every `every` until `stop` is set, each
-/// with a connection of its own (opened anew each time, so a database replaced by a restore is
-/// followed). Pair with [`Applier::tune_for_streaming`]. A reader holding a read
-/// transaction can hold the WAL's reset back, never the applier. A WAL that has not changed
-/// since a checkpoint copied all of it back is left alone (no connection opened: an idle
-/// replica's checkpoints were most of its CPU), but looked at again after [`SETTLED_RECHECK`]
-/// at the latest (a file's times are only as fine as the kernel's clock tick). `runs` counts
-/// the checkpoints run.
+/// Runs a PASSIVE checkpoint of the replica at `path` when its WAL has changed, at most every
+/// `every`, until `stop` is set and `wake` becomes readable; each with a connection of its own
+/// (opened anew each time, so a database replaced by a restore is followed). Pair with
+/// [`Applier::tune_for_streaming`]. A reader holding a read transaction can hold the WAL's
+/// reset back, never the applier. A WAL that has not changed since a checkpoint copied all of
+/// it back, or no WAL at all, is left alone: the loop sleeps until inotify reports a write to
+/// the `-wal` (an idle replica wakes for nothing; it used to look every `every`, and before
+/// that to open a connection each time — most of an idle replica's CPU), and looks again after
+/// [`SETTLED_RECHECK`] at the latest. Without inotify it looks every `every` (a `stat` of the
+/// `-wal`: a file's times are only as fine as the kernel's clock tick, hence the recheck).
+/// `counts` counts the rounds (wake-ups) and the checkpoints run.
 ///
 /// `lock` is held for each checkpoint: whoever replaces the database file holds it meanwhile, so
 /// a checkpointing connection of the old file never closes (and deletes its `-wal`) next to the
@@ -755,14 +758,38 @@ pub fn checkpoint_loop(
     path: &Path,
     every: Duration,
     stop: &std::sync::atomic::AtomicBool,
+    wake: std::os::fd::BorrowedFd<'_>,
     lock: &tokio::sync::Mutex<()>,
-    runs: &std::sync::atomic::AtomicU64,
+    counts: &Counts,
 ) {
     use std::sync::atomic::Ordering;
+    let watch = crate::dbwatch::DbWatch::new(path, &["-wal"])
+        .map_err(|e| {
+            tracing::debug!(
+                "replica checkpoints: no inotify watch ({e}): looking every {every:?} instead"
+            )
+        })
+        .ok();
     // The WAL as it was when a checkpoint last copied all of it back, and when.
     let mut settled: Option<(WalMark, std::time::Instant)> = None;
+    // Nothing to do until the WAL changes.
+    let mut idle = false;
     while !stop.load(Ordering::SeqCst) {
-        std::thread::sleep(every);
+        if let (true, Some(w)) = (idle, &watch) {
+            w.wait(SETTLED_RECHECK, wake);
+        }
+        // Writes come in bursts: one checkpoint per `every` at most.
+        let mut fds = [nix::poll::PollFd::new(wake, nix::poll::PollFlags::POLLIN)];
+        let _ = nix::poll::poll(&mut fds, crate::dbwatch::poll_timeout(every));
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        counts.rounds.fetch_add(1, Ordering::Relaxed);
+        // Read before the WAL's state is: a write after it wakes the next round.
+        if let Some(w) = &watch {
+            w.take();
+        }
+        idle = true;
         let _held = lock.blocking_lock();
         if !path.exists() {
             continue;
@@ -776,7 +803,7 @@ pub fn checkpoint_loop(
         if settled.is_some_and(|(m, at)| m == mark && at.elapsed() < SETTLED_RECHECK) {
             continue;
         }
-        runs.fetch_add(1, Ordering::Relaxed);
+        counts.runs.fetch_add(1, Ordering::Relaxed);
         let r = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -797,6 +824,8 @@ pub fn checkpoint_loop(
             }
             Err(e) => tracing::debug!("replica checkpoint: {e}"),
         }
+        // Frames a reader holds back: looked at again next round, whether written or not.
+        idle = settled.is_some();
     }
 }
 
@@ -814,39 +843,56 @@ fn wal_mark(db: &Path) -> Option<WalMark> {
     Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }
 
+/// What a [`checkpoint_loop`] has done.
+#[derive(Default)]
+pub struct Counts {
+    /// Times it woke up to look at the WAL.
+    pub rounds: std::sync::atomic::AtomicU64,
+    /// Checkpoints it ran.
+    pub runs: std::sync::atomic::AtomicU64,
+}
+
 /// A [`checkpoint_loop`] on a thread of its own, for one replica database.
 pub struct Checkpointer {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Written at [`Checkpointer::stop`]: the thread's sleep ends at once.
+    wake: std::os::unix::net::UnixStream,
     thread: std::thread::JoinHandle<()>,
     #[cfg_attr(not(test), allow(dead_code))]
-    runs: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    counts: std::sync::Arc<Counts>,
 }
 
 impl Checkpointer {
-    /// Starts checkpointing `path` every `every`, pausing while `lock` is held.
+    /// Starts checkpointing `path` when its WAL changes, at most every `every`, pausing while
+    /// `lock` is held.
     pub fn start(
         path: &Path,
         every: Duration,
         lock: std::sync::Arc<tokio::sync::Mutex<()>>,
     ) -> Result<Checkpointer> {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let runs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (db, flag, count) = (path.to_path_buf(), stop.clone(), runs.clone());
+        let counts = std::sync::Arc::new(Counts::default());
+        let (wake, woken) = std::os::unix::net::UnixStream::pair()?;
+        let (db, flag, count) = (path.to_path_buf(), stop.clone(), counts.clone());
         let thread = std::thread::Builder::new()
             .name("checkpoint".into())
-            .spawn(move || checkpoint_loop(&db, every, &flag, &lock, &count))?;
-        Ok(Checkpointer { stop, thread, runs })
+            .spawn(move || {
+                use std::os::fd::AsFd;
+                checkpoint_loop(&db, every, &flag, woken.as_fd(), &lock, &count)
+            })?;
+        Ok(Checkpointer {
+            stop,
+            wake,
+            thread,
+            counts,
+        })
     }
 
-    /// How many checkpoints it has run.
-    #[cfg(test)]
-    fn runs(&self) -> u64 {
-        self.runs.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Stops it and waits for its thread (at most one interval).
+    /// Stops it and waits for its thread (the checkpoint under way, if one is).
     pub fn stop(self) {
+        use std::io::Write;
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = (&self.wake).write_all(&[1]);
         let _ = self.thread.join();
     }
 }
@@ -857,9 +903,11 @@ mod tests {
 
     /// An idle replica's checkpoints: a WAL that changed is checkpointed; one a checkpoint
     /// copied all of back is left alone (no connection opened for it every 500 ms, which was
-    /// most of an idle replica's CPU) until it changes again.
+    /// most of an idle replica's CPU), and the loop does not even wake for it (inotify), until
+    /// it changes again.
     #[test]
     fn an_unchanged_wal_is_not_checkpointed_again() {
+        use std::sync::atomic::Ordering::Relaxed;
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("replica.db");
         let c = Connection::open(&db).unwrap();
@@ -871,6 +919,8 @@ mod tests {
         let every = Duration::from_millis(20);
         let lock = std::sync::Arc::new(tokio::sync::Mutex::new(()));
         let ck = Checkpointer::start(&db, every, lock).unwrap();
+        let runs = || ck.counts.runs.load(Relaxed);
+        let rounds = || ck.counts.rounds.load(Relaxed);
         // The first round copies the whole WAL back.
         let backfilled = || {
             c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -878,18 +928,26 @@ mod tests {
             })
             .unwrap()
         };
-        crate::wait_until("no checkpoint ran", || ck.runs() >= 1);
+        crate::wait_until("no checkpoint ran", || runs() >= 1);
         assert!(backfilled());
-        let settled = ck.runs();
-        // 50 rounds with nothing written: none runs a checkpoint.
+        // (This test's own checkpoint just now may wake one round.)
+        std::thread::sleep(every * 5);
+        let (settled, woke) = (runs(), rounds());
+        // 50 intervals with nothing written: no checkpoint, no wake-up.
         std::thread::sleep(every * 50);
-        assert_eq!(ck.runs(), settled, "checkpoints of an unchanged WAL");
+        assert_eq!(runs(), settled, "checkpoints of an unchanged WAL");
+        assert_eq!(rounds(), woke, "wake-ups with nothing written");
         // A write: the next round checkpoints it.
         c.execute("INSERT INTO t VALUES (randomblob(9000))", [])
             .unwrap();
-        crate::wait_until("the written WAL was not checkpointed", || {
-            ck.runs() > settled
-        });
+        crate::wait_until("the written WAL was not checkpointed", || runs() > settled);
+        // Stopping does not wait for a wake-up.
+        let t = std::time::Instant::now();
         ck.stop();
+        assert!(
+            t.elapsed() < SETTLED_RECHECK,
+            "stop waited {:?}",
+            t.elapsed()
+        );
     }
 }

@@ -706,13 +706,7 @@ fn replicate(cfg: Config, io: IoBackend) -> Result<()> {
         let (sd, health) = (shutdown.clone(), health.clone());
         std::thread::spawn(move || {
             // STOPPING=1 as soon as the signal comes (capture then writes out what it holds).
-            while !sd.requested() {
-                let mut fds = [nix::poll::PollFd::new(
-                    sd.fd(),
-                    nix::poll::PollFlags::POLLIN,
-                )];
-                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
-            }
+            sd.wait();
             health.stopping();
         })
     };

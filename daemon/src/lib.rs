@@ -8,6 +8,7 @@ pub mod cert;
 pub mod checkvfs;
 pub mod cli;
 pub mod config;
+pub mod dbwatch;
 pub mod http;
 pub mod memory;
 pub mod metrics;

@@ -846,8 +846,7 @@ impl Replicator {
                 if self.deferred_until.is_none() {
                     fds.push(PollFd::new(inotify.as_fd(), PollFlags::POLLIN));
                 }
-                let ms = timeout.as_millis().min(u16::MAX as u128) as u16;
-                fds_ready = match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
+                fds_ready = match nix::poll::poll(&mut fds, crate::dbwatch::poll_timeout(timeout)) {
                     Ok(n) => n,
                     Err(nix::errno::Errno::EINTR) => {
                         reload_ready = true;

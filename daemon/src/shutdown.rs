@@ -32,6 +32,16 @@ impl Shutdown {
     }
 
     /// Readable once a signal arrived.
+    /// Blocks until a shutdown is requested (no wake-ups meanwhile: the flag is set before the
+    /// pipe is written).
+    pub fn wait(&self) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout};
+        while !self.requested() {
+            let mut fds = [PollFd::new(self.fd(), PollFlags::POLLIN)];
+            let _ = nix::poll::poll(&mut fds, PollTimeout::NONE);
+        }
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.read.as_fd()
     }

@@ -86,8 +86,11 @@ const RESTORE_EXTEND: Duration = Duration::from_secs(30);
 const FULL_LIST_EVERY: u64 = 10;
 /// How often the replica's WAL is checkpointed (by a connection of its own).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
-/// How often a write made on the replica is looked for.
+/// How often a write made on the replica is looked for at most (only when its files changed,
+/// where inotify tells).
 const LOCAL_WRITE_CHECK: Duration = Duration::from_millis(250);
+/// How long a replica whose files did not change goes without looking for a write at most.
+const LOCAL_WRITE_RECHECK: Duration = Duration::from_secs(10);
 /// Reconnection backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -172,11 +175,7 @@ pub fn run(cfg: Config, opts: SidecarOptions) -> Result<()> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                use nix::poll::{PollFd, PollFlags, PollTimeout};
-                while !sd.requested() {
-                    let mut fds = [PollFd::new(sd.fd(), PollFlags::POLLIN)];
-                    let _ = nix::poll::poll(&mut fds, PollTimeout::from(1000u16));
-                }
+                sd.wait();
                 let _ = stop_tx.send(true);
             })?;
     }
@@ -553,6 +552,15 @@ impl Follower {
         let mut replica = Replica::new(ReplicaConfig::new(&self.name), applied, now_ms());
         let mut backoff = BACKOFF_MIN;
         let mut stop = self.stop.clone();
+        // Writes made on the replica are looked for when its files change (else every
+        // LOCAL_WRITE_CHECK).
+        let changes = crate::dbwatch::DbWatch::new(&self.db, &["", "-wal"])
+            .map_err(std::io::Error::from)
+            .and_then(crate::dbwatch::DbWatch::into_async)
+            .map_err(|e| {
+                tracing::debug!(db = %self.db.display(), "no inotify watch for local writes ({e}): looking every {LOCAL_WRITE_CHECK:?}")
+            })
+            .ok();
         loop {
             if *stop.borrow() {
                 return Ok(());
@@ -591,7 +599,9 @@ impl Follower {
             };
             replica.reset(now_ms());
             let started = Instant::now();
-            let end = self.converse(&mut replica, fs, &mut local).await;
+            let end = self
+                .converse(&mut replica, fs, &mut local, changes.as_ref())
+                .await;
             conn.close(0u32.into(), b"bye");
             match end {
                 Ok(End::Shutdown) => return Ok(()),
@@ -622,12 +632,18 @@ impl Follower {
         replica: &mut Replica,
         mut fs: FramedStream,
         local: &mut Local,
+        changes: Option<&tokio::io::unix::AsyncFd<crate::dbwatch::DbWatch>>,
     ) -> Result<End> {
         let mut stop = self.stop.clone();
         let mut buf = Vec::new();
         let mut caught_up_said = false;
+        // At most one look per LOCAL_WRITE_CHECK; with a watch, only after the files changed
+        // (the applier's own writes included: a look costs one `PRAGMA data_version` then),
+        // or LOCAL_WRITE_RECHECK after the last look.
         let mut check = tokio::time::interval(LOCAL_WRITE_CHECK);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut look = true;
+        let mut looked = tokio::time::Instant::now();
         loop {
             while let Some(ev) = replica.poll_event() {
                 if let Err(e) = self.on_event(replica, local, ev).await {
@@ -727,7 +743,10 @@ impl Follower {
                     Err(e) => return Ok(End::Reconnect(e.to_string())),
                 },
                 _ = tokio::time::sleep(sleep) => replica.handle_timeout(now_ms()),
-                _ = check.tick() => {
+                _ = crate::dbwatch::changed(changes, looked + LOCAL_WRITE_RECHECK), if !look => look = true,
+                _ = check.tick(), if look => {
+                    look = changes.is_none();
+                    looked = tokio::time::Instant::now();
                     if let Some(a) = local.applier.as_mut() {
                         match a.local_write_detected() {
                             Ok(true) => {

@@ -48,11 +48,11 @@ pub struct PrimaryConfig {
 }
 
 impl Default for PrimaryConfig {
-    /// 8 MiB window, heartbeat every 1 s, timeout after 10 s.
+    /// 8 MiB window, heartbeat every 2 s, timeout after 10 s.
     fn default() -> PrimaryConfig {
         PrimaryConfig {
             max_in_flight_bytes: 8 * 1024 * 1024,
-            heartbeat_ms: 1_000,
+            heartbeat_ms: crate::replica::HEARTBEAT_MS,
             idle_timeout_ms: 10_000,
         }
     }

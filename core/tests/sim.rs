@@ -1054,20 +1054,18 @@ fn lag_reporting() {
 
 #[test]
 fn heartbeat_when_idle() {
+    let hb = ReplicaConfig::new(DB).heartbeat_ms;
     let mut r = streaming_replica(1, 1);
-    r.handle_timeout(500);
+    r.handle_timeout(hb - 1);
     let mut out = Vec::new();
     assert!(!r.poll_transmit(&mut out));
-    r.handle_timeout(1_000);
+    r.handle_timeout(hb);
     assert!(r.poll_transmit(&mut out));
     assert_eq!(
         decode_all(&out),
-        vec![Message::Heartbeat {
-            now_ms: 1_000,
-            txid: 1
-        }]
+        vec![Message::Heartbeat { now_ms: hb, txid: 1 }]
     );
-    assert_eq!(r.poll_timeout(), Some(2_000));
+    assert_eq!(r.poll_timeout(), Some(2 * hb));
 }
 
 /// `poll_transmit` hands out about `TRANSMIT_CHUNK` bytes per call (whole transactions), so the

@@ -61,8 +61,11 @@ pub struct ClientTls {
 /// The ALPN protocol identifier of replited's replication protocol, version 1.
 pub const ALPN: &[u8] = b"replited/1";
 
-/// How often an otherwise silent connection sends a keep-alive.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a connection that received nothing waits before it sends a keep-alive. The
+/// protocol's heartbeats (every 2 s from each side, [`replited_core::replica::HEARTBEAT_MS`])
+/// keep a live conversation from needing any; longer than they are, so that a heartbeat a few
+/// milliseconds late does not add a packet.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
 /// A connection that hears nothing for this long is dropped.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Flow-control window of one stream: bytes the peer may send ahead of our reads.

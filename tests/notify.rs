@@ -59,6 +59,36 @@ fn replicate_tells_systemd_ready_status_watchdog_stopping() {
     assert!(ready < stopping, "{all:?}");
 }
 
+/// An idle daemon pings the watchdog at half its interval, not every second (each ping wakes
+/// the service manager too), and sends no status line while nothing changes; a change is
+/// still sent.
+#[test]
+fn an_idle_primary_pings_the_watchdog_at_half_its_interval() {
+    let w = World::new("");
+    let n = NotifyListener::start(w.dir.path());
+    // 8 s: a ping every 4 s.
+    let d = notified_primary(&w, &n, Some("8000000"));
+    n.wait_for("READY=1", Duration::from_secs(30));
+    // The first status line goes out within a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = n.messages().len();
+    std::thread::sleep(Duration::from_secs(3));
+    let quiet = n.messages()[before..].to_vec();
+    let pings = quiet.iter().filter(|m| *m == "WATCHDOG=1").count();
+    assert!(
+        pings <= 1,
+        "WATCHDOG=1 at half the interval, not every second: {quiet:?}"
+    );
+    assert!(
+        !quiet.iter().any(|m| m.contains("STATUS=")),
+        "no status line while nothing changes: {quiet:?}"
+    );
+    run_load(&w.db, 1, 5);
+    n.wait_for("txid 6", Duration::from_secs(10));
+    d.stop();
+    n.wait_for("STOPPING=1", Duration::from_secs(5));
+}
+
 /// SIGHUP reloads the config: RELOADING=1 with MONOTONIC_USEC, then READY=1; the new log level
 /// applies at once; the process keeps running and capturing.
 #[test]

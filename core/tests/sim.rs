@@ -1063,7 +1063,10 @@ fn heartbeat_when_idle() {
     assert!(r.poll_transmit(&mut out));
     assert_eq!(
         decode_all(&out),
-        vec![Message::Heartbeat { now_ms: hb, txid: 1 }]
+        vec![Message::Heartbeat {
+            now_ms: hb,
+            txid: 1
+        }]
     );
     assert_eq!(r.poll_timeout(), Some(2 * hb));
 }

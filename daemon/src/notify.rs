@@ -7,13 +7,16 @@
 //! counts) answers the HTTP status server (`/health`, `/status`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
 /// How often a worker's status line is rebuilt at most.
 pub const STATUS_EVERY: Duration = Duration::from_millis(200);
+
+/// How often a status line is sent to the service manager at most.
+const SEND_EVERY: Duration = Duration::from_secs(1);
 
 /// `/health` fails past this lag unless `[http] max-lag` says otherwise.
 pub const DEFAULT_MAX_LAG: Duration = Duration::from_secs(60);
@@ -73,6 +76,8 @@ pub struct Health {
     ready: Vec<AtomicBool>,
     told_ready: AtomicBool,
     status: Mutex<Vec<String>>,
+    /// Signalled when a status line changes, and at `STOPPING=1`.
+    status_changed: Condvar,
     /// When each worker's status was last set (ms since `start`, 0: never).
     status_at: Vec<AtomicU64>,
     /// A service manager or the status server listens; otherwise status lines are not even
@@ -101,6 +106,7 @@ impl Health {
             ready: (0..n).map(|_| AtomicBool::new(false)).collect(),
             told_ready: AtomicBool::new(false),
             status: Mutex::new(vec![String::from("starting"); n]),
+            status_changed: Condvar::new(),
             status_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
             enabled: AtomicBool::new(std::env::var_os("NOTIFY_SOCKET").is_some()),
             stop: AtomicBool::new(false),
@@ -440,18 +446,22 @@ impl Health {
             return;
         }
         at.store(now, Ordering::Relaxed);
-        let s = line();
-        if let Some(slot) = self.status.lock().expect("status lock").get_mut(i) {
-            *slot = s;
+        self.put_status(i, line());
+    }
+
+    /// Worker `i`'s status line is `line`: the notifying thread wakes if it changed.
+    fn put_status(&self, i: usize, line: String) {
+        let mut status = self.status.lock().expect("status lock");
+        if let Some(slot) = status.get_mut(i).filter(|s| **s != line) {
+            *slot = line;
+            self.status_changed.notify_all();
         }
     }
 
     /// Sets worker `i`'s status line at once (what `READY=1` will carry), whatever the rate
     /// limit of [`Health::set_status`].
     pub fn set_status_now(&self, i: usize, line: String) {
-        if let Some(slot) = self.status.lock().expect("status lock").get_mut(i) {
-            *slot = line;
-        }
+        self.put_status(i, line);
         if let Some(at) = self.status_at.get(i) {
             at.store(self.now_ms().max(1), Ordering::Relaxed);
         }
@@ -478,28 +488,47 @@ impl Health {
 
     /// `STOPPING=1`.
     pub fn stopping(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        {
+            // Under the lock: the notifying thread is waiting, or sees the flag before it waits.
+            let _status = self.status.lock().expect("status lock");
+            self.stop.store(true, Ordering::SeqCst);
+            self.status_changed.notify_all();
+        }
         let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     }
 
-    /// A thread that sends the status line when it changes and, when the service manager asked
-    /// for a watchdog (`WATCHDOG_USEC`), `WATCHDOG=1` at half its interval — but only while
-    /// every worker beat within the interval, so a wedged loop makes systemd restart replited.
+    /// A thread that sends the status line when it changes (at most every [`SEND_EVERY`]) and,
+    /// when the service manager asked for a watchdog (`WATCHDOG_USEC`), `WATCHDOG=1` at half its
+    /// interval — but only while every worker beat within the interval, so a wedged loop makes
+    /// systemd restart replited. It sleeps while nothing changes: an idle daemon wakes it (and
+    /// the service manager) only for the watchdog.
     pub fn spawn(self: &Arc<Health>) {
         if std::env::var_os("NOTIFY_SOCKET").is_none() {
             return;
         }
         let h = self.clone();
         let watchdog = sd_notify::watchdog_enabled();
-        let tick = watchdog.map_or(Duration::from_secs(1), |w| {
-            (w / 2).min(Duration::from_secs(1))
-        });
+        // No watchdog: woken by changes only (the hour is a bound, not a schedule).
+        let tick = watchdog.map_or(Duration::from_secs(3600), |w| w / 2);
         let _ = std::thread::Builder::new()
             .name("sd_notify".into())
             .spawn(move || {
                 let mut last = String::new();
+                let mut sent = Instant::now();
                 while !h.stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(tick);
+                    let status = h.status.lock().expect("status lock");
+                    let _ = h
+                        .status_changed
+                        .wait_timeout_while(status, tick, |s| {
+                            !h.stop.load(Ordering::SeqCst) && s.join("; ") == last
+                        })
+                        .expect("status lock");
+                    // A burst of changes is sent as one line (never holding the watchdog back).
+                    let gap = SEND_EVERY.min(tick).saturating_sub(sent.elapsed());
+                    if !gap.is_zero() && !h.stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(gap);
+                    }
+                    sent = Instant::now();
                     if h.stop.load(Ordering::SeqCst) {
                         // STOPPING=1 (and its "stopping" status) was the last word.
                         break;

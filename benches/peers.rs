@@ -1748,21 +1748,29 @@ fn idle(w: &mut World) {
                     / r.usage.secs),
             })
         };
-        if *tool == Tool::Ours {
-            let cpu = over(rs, |r| Ok(r.usage.cpu_primary));
-            let (measured, met) = against(&cpu, 2, "%", |c| c < 0.1);
-            w.verdict(
-                format!("idle: primary CPU < 0.1 % of a core ({})", tool.label()),
-                measured,
-                met,
-            );
-            let (measured, met) = against(&per_hour(false), 0, "per hour", |r| r <= 60.0);
-            w.verdict(
-                "idle: object-store requests no more than a bounded heartbeat (≤ 60 per hour)"
-                    .to_string(),
-                measured,
-                met,
-            );
+        if tool.ours() {
+            for (who, cpu) in [
+                ("primary", over(rs, |r| Ok(r.usage.cpu_primary))),
+                ("replica", over(rs, |r| replica_cpu(&r.usage))),
+            ] {
+                let (measured, met) = against(&cpu, 2, "%", |c| c < 0.1);
+                w.verdict(
+                    format!("idle: {who} CPU < 0.1 % of a core ({})", tool.label()),
+                    measured,
+                    met,
+                );
+            }
+            for (who, replica) in [("primary", false), ("replica", true)] {
+                let (measured, met) = against(&per_hour(replica), 0, "per hour", |r| r <= 60.0);
+                w.verdict(
+                    format!(
+                        "idle: {who}'s object-store requests no more than a bounded heartbeat (≤ 60 per hour; {})",
+                        tool.label()
+                    ),
+                    measured,
+                    met,
+                );
+            }
         }
         t.push_str(&row(
             tool.label(),

@@ -99,12 +99,12 @@ impl DbWatch {
                 PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN),
                 PollFd::new(wake, PollFlags::POLLIN),
             ];
-            if !matches!(nix::poll::poll(&mut fds, poll_timeout(left)), Ok(n) if n > 0) {
-                // A timeout, or a signal (looked at again like a timeout).
-                if left.is_zero() {
-                    return false;
-                }
-                continue;
+            match nix::poll::poll(&mut fds, poll_timeout(left)) {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                // Cannot wait: as if the files changed (the caller looks, then waits again).
+                Err(_) => return true,
             }
             if fds[1].revents().is_some_and(|r| !r.is_empty()) {
                 return self.take().changed;
@@ -114,9 +114,7 @@ impl DbWatch {
             }
         }
     }
-}
 
-impl DbWatch {
     /// Registers it with the runtime (call within one), to wait for it with [`changed`].
     pub fn into_async(self) -> std::io::Result<tokio::io::unix::AsyncFd<DbWatch>> {
         // SAFETY: the inotify descriptor is this DbWatch's own, open until it is dropped, and

@@ -31,7 +31,6 @@ impl Shutdown {
         self.flag.load(Ordering::SeqCst)
     }
 
-    /// Readable once a signal arrived.
     /// Blocks until a shutdown is requested (no wake-ups meanwhile: the flag is set before the
     /// pipe is written).
     pub fn wait(&self) {
@@ -42,6 +41,7 @@ impl Shutdown {
         }
     }
 
+    /// Readable once a signal arrived.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.read.as_fd()
     }

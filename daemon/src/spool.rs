@@ -793,13 +793,19 @@ impl Storage for SpoolStorage {
         for p in waiting {
             let _ = self.local.discard(&p);
         }
+        // An emptied directory goes too: one look per directory, not per file (compaction
+        // deletes hundreds of a generation's files at once).
+        let mut dirs = std::collections::BTreeSet::new();
         for m in &remote {
             let p = self.path(m);
             if self.local.discard(&uploaded(&p)).is_ok() {
                 if let Some(d) = p.parent() {
-                    let _ = fs::remove_dir(d);
+                    dirs.insert(d.to_path_buf());
                 }
             }
+        }
+        for d in dirs {
+            let _ = fs::remove_dir(d);
         }
         Ok(())
     }

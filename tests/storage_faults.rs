@@ -521,3 +521,38 @@ fn s3_hanging_requests_time_out() {
 fn s3_hanging_long_degrades_then_recovers() {
     s3_hang(Duration::from_secs(110), true);
 }
+
+/// Uploads keep their connection to the store open: with the default `sync-interval = "0s"`
+/// (a PUT per commit) 40 commits a moment apart open a few connections, not one each (a new
+/// TCP connection per request, and for `https://` a TLS handshake, was most of a PUT's cost).
+#[test]
+fn uploads_keep_their_connections_open() {
+    let r = S3Rig::new("");
+    let d = r.w.start("auto");
+    run_load(&r.w.db, 1, 1);
+    r.wait_drained(&d);
+    let (before, _, _) = r.p.counts();
+    for i in 2..=41 {
+        run_load(&r.w.db, i, i);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r.wait_drained(&d);
+    let (after, _, _) = r.p.counts();
+    let log = d.stop();
+    let puts: u64 = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split("S3 requests sent: PUT ").nth(1))
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no request counts logged:\n{log}"));
+    assert!(puts >= 40, "{puts} PUTs for 40 commits:\n{log}");
+    let opened = after - before;
+    assert!(
+        opened <= 10,
+        "{opened} connections opened for the uploads of 40 commits ({puts} PUTs in all)"
+    );
+    r.restore_from_bucket(41);
+    report(&format!(
+        "STORAGE S3 connections: 40 commits uploaded one at a time ({puts} PUTs in all) over {opened} new connections"
+    ));
+}

@@ -191,7 +191,8 @@ fn upload(bucket: &Bucket, what: &str, key: &str, file: &mut File) -> Result<()>
 /// read from the file while they are sent: no copy of them is held in memory (rust-s3's own
 /// requests take the body as one buffer and copy it). The request is presigned by rust-s3
 /// with the bytes' `Content-MD5`, which the store checks against what it received. Returns
-/// the object's (part's) ETag.
+/// the object's (part's) ETag. Sent by [`upload_agent`], on a connection kept open for the
+/// next.
 fn put_range(
     bucket: &Bucket,
     key: &str,
@@ -228,21 +229,27 @@ fn put_range(
                 .append_pair("uploadId", id);
         }
     }
-    let mut req = attohttpc::put(url.as_str()).timeout(REQUEST_TIMEOUT);
+    let mut req = upload_agent()
+        .put(url.as_str())
+        .header(http::header::CONTENT_LENGTH, len);
     for (k, v) in &headers {
-        req = req.header(k, v.clone());
+        req = req.header(k, v);
     }
-    let resp = req
-        .body(FileBody {
-            file,
-            start,
-            len,
-            buf,
-        })
-        .send()?;
+    let mut body = FileBody {
+        file,
+        start,
+        len,
+        sent: 0,
+        buf,
+    };
+    let mut resp = req
+        .send(ureq::SendBody::from_reader(&mut body))
+        .map_err(http_error)?;
     let status = resp.status().as_u16();
-    if !resp.is_success() {
-        return Err(S3Error::HttpFailWithBody(status, resp.text()?));
+    // Read to its end, so that the connection can carry the next request.
+    let text = resp.body_mut().read_to_string().map_err(http_error)?;
+    if !resp.status().is_success() {
+        return Err(S3Error::HttpFailWithBody(status, text));
     }
     Ok(resp
         .headers()
@@ -250,6 +257,49 @@ fn put_range(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string())
+}
+
+/// The client uploads are sent with, one for the process (made at the first upload): its
+/// connections stay open between requests (with
+/// `sync-interval = "0s"` a PUT per commit: a new TCP connection, and a thread for its
+/// deadline, per request was much of the cost of each, and for `https://` a TLS handshake
+/// too), the roots it trusts loaded once — the system's, or `SSL_CERT_FILE` / `SSL_CERT_DIR`
+/// as rust-s3's own requests. Each step of a request (connecting, sending it, sending its
+/// body, the answer's head, its body) must end within [`REQUEST_TIMEOUT`] — no timeout over
+/// the whole request, with which ureq resolves the host on a new thread for every request.
+fn upload_agent() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(new_upload_agent)
+}
+
+fn new_upload_agent() -> ureq::Agent {
+    let roots: Vec<ureq::tls::Certificate<'static>> = rustls_native_certs::load_native_certs()
+        .certs
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(roots)))
+        .build();
+    ureq::Agent::config_builder()
+        .timeout_connect(Some(REQUEST_TIMEOUT))
+        .timeout_send_request(Some(REQUEST_TIMEOUT))
+        .timeout_send_body(Some(REQUEST_TIMEOUT))
+        .timeout_recv_response(Some(REQUEST_TIMEOUT))
+        .timeout_recv_body(Some(REQUEST_TIMEOUT))
+        .http_status_as_error(false)
+        .tls_config(tls)
+        .build()
+        .into()
+}
+
+/// A failed upload request as rust-s3's error (its I/O error as it is).
+fn http_error(e: ureq::Error) -> S3Error {
+    match e {
+        ureq::Error::Io(e) => S3Error::Io(e),
+        e => S3Error::Io(io::Error::other(e)),
+    }
 }
 
 /// Calls `f` with `len` bytes of `file` from `start`, a whole buffer at a time (so a range that
@@ -286,21 +336,32 @@ struct FileBody<'a> {
     file: &'a File,
     start: u64,
     len: u64,
-    buf: &'a mut [u8],
+    sent: u64,
+    /// The range's bytes, when they fit (read there while the digest was taken).
+    buf: &'a [u8],
 }
 
-impl attohttpc::body::Body for FileBody<'_> {
-    fn kind(&mut self) -> io::Result<attohttpc::body::BodyKind> {
-        Ok(attohttpc::body::BodyKind::KnownLength(self.len))
-    }
-
-    fn write<W: Write>(&mut self, mut w: W) -> io::Result<()> {
-        if self.len as usize <= self.buf.len() {
-            return w.write_all(&self.buf[..self.len as usize]);
+impl Read for FileBody<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = (self.len - self.sent).min(out.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
         }
-        for_each_chunk(self.file, self.start, self.len, self.buf, |b| {
-            w.write_all(b)
-        })
+        let at = self.sent as usize;
+        let got = if self.len as usize <= self.buf.len() {
+            out[..n].copy_from_slice(&self.buf[at..at + n]);
+            n
+        } else {
+            self.file.read_at(&mut out[..n], self.start + self.sent)?
+        };
+        if got == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file being uploaded ended early",
+            ));
+        }
+        self.sent += got as u64;
+        Ok(got)
     }
 }
 
@@ -740,7 +801,8 @@ fn not_implemented(e: &S3Error) -> bool {
 
 /// A TLS certificate the client does not accept: asking again will not change it.
 fn untrusted(e: &S3Error) -> bool {
-    matches!(e, S3Error::Atto(_)) && e.to_string().contains("invalid peer certificate")
+    matches!(e, S3Error::Atto(_) | S3Error::Io(_))
+        && e.to_string().contains("invalid peer certificate")
 }
 
 struct S3Writer {

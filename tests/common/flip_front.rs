@@ -121,10 +121,12 @@ impl FlipFront {
     }
 }
 
-/// One connection (one request: replited's client opens one per request): reads the request's
-/// head, flips the body's first byte when it is a presigned PUT and the budget allows, then
-/// copies both ways until either side closes. With `refused`, a multi-object delete is answered
-/// 501 (and counted) instead. A request `hold` names waits first.
+/// One connection, which may carry one request after another (replited's uploads keep theirs
+/// open): each request's head is read and the request relayed whole — held first when `hold`
+/// names it, its body's first byte flipped when it is a presigned PUT and the budget allows —
+/// while the answers are copied back until either side closes. The first request alone may
+/// be refused (with `refused`, a multi-object delete is answered 501 and counted) or have its
+/// answer cut (rust-s3's own requests, the only ones these concern, open a connection each).
 fn relay(
     mut c: TcpStream,
     upstream: &str,
@@ -134,75 +136,94 @@ fn relay(
     hold: &Hold,
 ) -> std::io::Result<()> {
     let mut up = TcpStream::connect(upstream)?;
+    // Requests and answers go on as they come (a connection kept open would otherwise meet
+    // Nagle's algorithm and delayed ACKs).
+    c.set_nodelay(true)?;
+    up.set_nodelay(true)?;
     let mut buf = Vec::new();
+    let mut back: Option<std::thread::JoinHandle<()>> = None;
     let mut chunk = [0u8; 16 << 10];
-    let head_end = loop {
-        let k = c.read(&mut chunk)?;
-        if k == 0 {
-            return Ok(());
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break Some(i + 4);
+            }
+            let k = c.read(&mut chunk)?;
+            if k == 0 {
+                break None;
+            }
+            buf.extend_from_slice(&chunk[..k]);
+        };
+        let Some(head_end) = head_end else { break };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let first_line =
+            String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap()])
+                .into_owned();
+        let wait = hold
+            .what
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|(w, _)| first_line.contains(w.as_str()))
+            .map(|(_, d)| *d);
+        if let Some(d) = wait {
+            hold.held.fetch_add(1, Ordering::SeqCst);
+            let now = hold.holding.fetch_add(1, Ordering::SeqCst) + 1;
+            hold.most.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(d);
+            hold.holding.fetch_sub(1, Ordering::SeqCst);
         }
-        buf.extend_from_slice(&chunk[..k]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
+        if head.contains("\r\nrange: bytes=") {
+            hold.ranged.fetch_add(1, Ordering::SeqCst);
         }
-    };
-    let first_line =
-        String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap()]).into_owned();
-    let wait = hold
-        .what
-        .lock()
-        .unwrap()
-        .as_ref()
-        .filter(|(w, _)| first_line.contains(w.as_str()))
-        .map(|(_, d)| *d);
-    if let Some(d) = wait {
-        hold.held.fetch_add(1, Ordering::SeqCst);
-        let now = hold.holding.fetch_add(1, Ordering::SeqCst) + 1;
-        hold.most.fetch_max(now, Ordering::SeqCst);
-        std::thread::sleep(d);
-        hold.holding.fetch_sub(1, Ordering::SeqCst);
-    }
-    if String::from_utf8_lossy(&buf[..head_end])
-        .to_ascii_lowercase()
-        .contains("\r\nrange: bytes=")
-    {
-        hold.ranged.fetch_add(1, Ordering::SeqCst);
-    }
-    let cut_after = {
-        let mut c = hold.cut.lock().unwrap();
-        let hit = first_line.starts_with("GET ")
-            && c.as_ref()
-                .is_some_and(|(w, _)| first_line.contains(w.as_str()));
-        hit.then(|| c.take().map(|(_, n)| n)).flatten()
-    };
-    if let Some(refused) = refused.filter(|_| {
-        first_line.starts_with("POST ")
-            && first_line
-                .split(' ')
-                .nth(1)
-                .is_some_and(|t| t.contains("?delete"))
-    }) {
-        refused.fetch_add(1, Ordering::SeqCst);
-        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>NotImplemented</Code>\
-                    <Message>A header or query you provided requires functionality that is not \
-                    implemented.</Message></Error>";
-        return write!(
-            c,
-            "HTTP/1.1 501 Not Implemented\r\nContent-Type: application/xml\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-    }
-    if first_line.starts_with("PUT ") && first_line.contains("X-Amz-Signature") {
-        // Wait for the body's first byte, then spend one unit of the budget on it.
-        while buf.len() == head_end {
+        let mut cut_after = None;
+        if back.is_none() {
+            cut_after = {
+                let mut c = hold.cut.lock().unwrap();
+                let hit = first_line.starts_with("GET ")
+                    && c.as_ref()
+                        .is_some_and(|(w, _)| first_line.contains(w.as_str()));
+                hit.then(|| c.take().map(|(_, n)| n)).flatten()
+            };
+            if let Some(refused) = refused.filter(|_| {
+                first_line.starts_with("POST ")
+                    && first_line
+                        .split(' ')
+                        .nth(1)
+                        .is_some_and(|t| t.contains("?delete"))
+            }) {
+                refused.fetch_add(1, Ordering::SeqCst);
+                let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>NotImplemented</Code>\
+                            <Message>A header or query you provided requires functionality that is not \
+                            implemented.</Message></Error>";
+                return write!(
+                    c,
+                    "HTTP/1.1 501 Not Implemented\r\nContent-Type: application/xml\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        }
+        // The request whole: its head and the body its Content-Length announces (a chunked
+        // body, which no client here sends, is relayed as it comes, to the end).
+        let chunked = head.contains("\r\ntransfer-encoding: chunked");
+        let len = head
+            .split("\r\n")
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        let end = if chunked { buf.len() } else { head_end + len };
+        while buf.len() < end {
             let k = c.read(&mut chunk)?;
             if k == 0 {
                 break;
             }
             buf.extend_from_slice(&chunk[..k]);
         }
-        if buf.len() > head_end
+        let end = end.min(buf.len());
+        if first_line.starts_with("PUT ")
+            && first_line.contains("X-Amz-Signature")
+            && end > head_end
             && flipped
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
                     (v < n).then_some(v + 1)
@@ -211,25 +232,33 @@ fn relay(
         {
             buf[head_end] ^= 0x5a;
         }
-    }
-    up.write_all(&buf)?;
-    let (mut c2, mut up2) = (c.try_clone()?, up.try_clone()?);
-    let back = std::thread::spawn(move || match cut_after {
-        Some(n) => {
-            let _ = std::io::copy(&mut (&mut up2).take(n), &mut c2);
-            let _ = c2.shutdown(Shutdown::Both);
-            let _ = up2.shutdown(Shutdown::Both);
+        up.write_all(&buf[..end])?;
+        buf.drain(..end);
+        if back.is_none() {
+            let (mut c2, mut up2) = (c.try_clone()?, up.try_clone()?);
+            back = Some(std::thread::spawn(move || match cut_after {
+                Some(n) => {
+                    let _ = std::io::copy(&mut (&mut up2).take(n), &mut c2);
+                    let _ = c2.shutdown(Shutdown::Both);
+                    let _ = up2.shutdown(Shutdown::Both);
+                }
+                None => {
+                    let _ = std::io::copy(&mut up2, &mut c2);
+                    let _ = c2.shutdown(Shutdown::Write);
+                }
+            }));
+            if cut_after.is_some() {
+                hold.cuts.fetch_add(1, Ordering::SeqCst);
+            }
         }
-        None => {
-            let _ = std::io::copy(&mut up2, &mut c2);
-            let _ = c2.shutdown(Shutdown::Write);
+        if chunked {
+            let _ = std::io::copy(&mut c, &mut up);
+            break;
         }
-    });
-    if cut_after.is_some() {
-        hold.cuts.fetch_add(1, Ordering::SeqCst);
     }
-    let _ = std::io::copy(&mut c, &mut up);
     let _ = up.shutdown(Shutdown::Write);
-    let _ = back.join();
+    if let Some(b) = back {
+        let _ = b.join();
+    }
     Ok(())
 }

@@ -5,7 +5,8 @@
 //!
 //! The mode is decided per connection when it is accepted; switching the mode closes every open
 //! connection, so the next request meets the new mode (rust-s3's blocking client opens a
-//! connection per request anyway). Declared from a test file with
+//! connection per request; replited's uploads keep theirs open, and go on on a new one once
+//! it is closed). Declared from a test file with
 //! `#[path = "common/s3proxy.rs"] mod s3proxy;`.
 #![allow(dead_code)]
 
@@ -132,7 +133,11 @@ fn register(st: &State, id: u64, s: &TcpStream) {
 
 /// Reads up to the end of an HTTP head; returns (head, bytes read past it).
 fn read_head(s: &mut TcpStream) -> Option<(Vec<u8>, Vec<u8>)> {
-    let mut buf = Vec::new();
+    read_head_after(s, Vec::new())
+}
+
+/// Like [`read_head`], with `buf` already read.
+fn read_head_after(s: &mut TcpStream, mut buf: Vec<u8>) -> Option<(Vec<u8>, Vec<u8>)> {
     let mut chunk = [0u8; 4096];
     loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -170,6 +175,8 @@ fn handle(st: &Arc<State>, client: TcpStream) {
 
 fn serve(st: &Arc<State>, id: u64, mut client: TcpStream) {
     st.n.connections.fetch_add(1, Ordering::SeqCst);
+    // Heads and bodies go in separate writes: not held back by Nagle's algorithm.
+    let _ = client.set_nodelay(true);
     // Registered before the mode is read: a switch in between closes this connection.
     register(st, id, &client);
     let mode = *st.mode.lock().unwrap();
@@ -219,33 +226,39 @@ fn serve(st: &Arc<State>, id: u64, mut client: TcpStream) {
                 return;
             };
             register(st, id, &upstream);
+            let _ = upstream.set_nodelay(true);
             st.n.passed.fetch_add(1, Ordering::SeqCst);
             let in_flight = Arc::new(AtomicBool::new(false));
-            // client -> server; a request starting with PUT or POST is an upload in flight
-            // until the server's answer begins.
+            // client -> server, a request at a time (a client may send one after another on
+            // a connection it keeps open): a PUT or POST is an upload in flight until the
+            // server's answer begins.
             let (mut c_in, mut u_out) =
                 (client.try_clone().unwrap(), upstream.try_clone().unwrap());
             let (st2, fl2) = (st.clone(), in_flight.clone());
             let up = std::thread::spawn(move || {
-                let mut b = [0u8; 65536];
-                let mut first = true;
-                loop {
-                    match c_in.read(&mut b) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if first {
-                                first = false;
-                                if (b[..n].starts_with(b"PUT ") || b[..n].starts_with(b"POST "))
-                                    && !fl2.swap(true, Ordering::SeqCst)
-                                {
-                                    st2.n.puts_in_flight.fetch_add(1, Ordering::SeqCst);
-                                }
-                            }
-                            if u_out.write_all(&b[..n]).is_err() {
-                                break;
-                            }
-                        }
+                let mut pending = Vec::new();
+                while let Some((head, rest)) = read_head_after(&mut c_in, pending) {
+                    if (head.starts_with(b"PUT ") || head.starts_with(b"POST "))
+                        && !fl2.swap(true, Ordering::SeqCst)
+                    {
+                        st2.n.puts_in_flight.fetch_add(1, Ordering::SeqCst);
                     }
+                    if u_out.write_all(&head).is_err() {
+                        break;
+                    }
+                    // The body: what was read past the head, then the rest from the client.
+                    let len = content_length(&head) as usize;
+                    let (body, after) = rest.split_at(len.min(rest.len()));
+                    if u_out.write_all(body).is_err() {
+                        break;
+                    }
+                    let left = (len - body.len()) as u64;
+                    if left > 0
+                        && std::io::copy(&mut (&mut c_in).take(left), &mut u_out).ok() != Some(left)
+                    {
+                        break;
+                    }
+                    pending = after.to_vec();
                 }
                 let _ = u_out.shutdown(Shutdown::Write);
             });

@@ -76,6 +76,8 @@ fn relay(
     }
     handshakes.fetch_add(1, Ordering::Relaxed);
     let mut up = TcpStream::connect(upstream)?;
+    tls.sock.set_nodelay(true)?;
+    up.set_nodelay(true)?;
     let tick = Some(Duration::from_millis(2));
     tls.sock.set_read_timeout(tick)?;
     up.set_read_timeout(tick)?;

@@ -8,9 +8,12 @@
 //!    with the default settings and with `sync-interval = "1s"`;
 //! 3. the CPU an S3 request costs over plain HTTP and over HTTPS: a backup of many small
 //!    objects restored by URL from the server directly and through a TLS front (a certificate
-//!    of a private CA made by `replited cert`, trusted through `SSL_CERT_FILE`), alternating.
+//!    of a private CA made by `replited cert`, trusted through `SSL_CERT_FILE`), alternating;
+//! 4. the CPU of `replicate` uploading each commit as it is made (the default
+//!    `sync-interval = "0s"`: a PUT per commit) over plain HTTP and over HTTPS, alternating.
 //!
-//! `cargo bench --bench s3` runs the full sizes; `cargo bench -- --test` a tiny version.
+//! `cargo bench --bench s3` runs the full sizes (`REPLITED_BENCH_S3=uploads`: section 4 alone);
+//! `cargo bench -- --test` a tiny version.
 
 #[allow(dead_code)]
 #[path = "../tests/common/s3.rs"]
@@ -284,24 +287,7 @@ fn request_cpu(s: &S3Server, n: u64, rounds: usize) -> (usize, Vec<f64>) {
         std::thread::sleep(Duration::from_millis(20));
     }
     stop(child);
-    let certs = w.dir.path().join("certs");
-    let c = certs.to_str().unwrap();
-    for args in [
-        vec!["ca", "--dir", c],
-        vec!["server", "--ca-dir", c, "--san", "127.0.0.1"],
-    ] {
-        let o = Command::new(bin())
-            .arg("cert")
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    }
-    let front = tls_front::TlsFront::start(
-        &certs.join("primary.pem"),
-        &certs.join("primary-key.pem"),
-        s.endpoint.trim_start_matches("http://"),
-    );
+    let (certs, front) = front(s, w.dir.path());
     let mut bundle = SYSTEM_BUNDLES
         .iter()
         .find_map(|p| fs::read(p).ok())
@@ -354,6 +340,109 @@ fn request_cpu(s: &S3Server, n: u64, rounds: usize) -> (usize, Vec<f64>) {
     (objects, cpu.into_iter().map(median).collect())
 }
 
+/// A private CA and a server certificate (made by `replited cert`) in `dir`/certs, and a TLS
+/// front with that certificate before `s`: (the certificates' directory, the front).
+fn front(s: &S3Server, dir: &Path) -> (PathBuf, tls_front::TlsFront) {
+    let certs = dir.join("certs");
+    let c = certs.to_str().unwrap();
+    for args in [
+        vec!["ca", "--dir", c],
+        vec!["server", "--ca-dir", c, "--san", "127.0.0.1"],
+    ] {
+        let o = Command::new(bin())
+            .arg("cert")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let front = tls_front::TlsFront::start(
+        &certs.join("primary.pem"),
+        &certs.join("primary-key.pem"),
+        s.endpoint.trim_start_matches("http://"),
+    );
+    (certs, front)
+}
+
+/// The endpoints uploads are measured through.
+const UPLOAD_VARIANTS: [&str; 2] = [
+    "http:// (s3s-fs)",
+    "https://, the CA alone (`SSL_CERT_FILE`)",
+];
+
+/// `replicate` with the defaults (`sync-interval = "0s"`: a PUT per commit) while `n`
+/// single-row transactions commit 20 ms apart, `rounds` times over each of
+/// [`UPLOAD_VARIANTS`], rotating: the median CPU (ms, user + system, start-up and shutdown
+/// included) of the replicate process per variant.
+fn upload_cpu(s: &S3Server, n: u64, rounds: usize) -> Vec<f64> {
+    let scratch = tempfile::Builder::new()
+        .prefix("replited-bench-s3-certs")
+        .tempdir_in(bench_dir())
+        .unwrap();
+    let (certs, front) = front(s, scratch.path());
+    let k = UPLOAD_VARIANTS.len();
+    let mut cpu = vec![Vec::new(); k];
+    for r in 0..rounds {
+        for j in 0..k {
+            let i = (r + j) % k;
+            let w = World::new(
+                s,
+                "compaction-interval = \"1h\"\nsnapshot-interval = \"1h\"",
+            );
+            if i == 1 {
+                let toml = fs::read_to_string(&w.config).unwrap();
+                fs::write(&w.config, toml.replace(&s.endpoint, &front.endpoint)).unwrap();
+            }
+            let usage = || {
+                use nix::sys::resource::{getrusage, UsageWho};
+                let u = getrusage(UsageWho::RUSAGE_CHILDREN).unwrap();
+                let t =
+                    |v: nix::sys::time::TimeVal| v.tv_sec() as f64 * 1e3 + v.tv_usec() as f64 / 1e3;
+                t(u.user_time()) + t(u.system_time())
+            };
+            let before = usage();
+            let child = Command::new(bin())
+                .args(["-c", w.config.to_str().unwrap(), "replicate"])
+                .env("SSL_CERT_FILE", certs.join("ca.pem"))
+                .env_remove("SSL_CERT_DIR")
+                .stderr(fs::File::create(&w.log).unwrap())
+                .spawn()
+                .unwrap();
+            let t = Instant::now();
+            while !w.log_text().contains("capturing") {
+                assert!(t.elapsed() < Duration::from_secs(60), "not capturing");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let conn = rusqlite::Connection::open(&w.db).unwrap();
+            for _ in 0..n {
+                conn.execute("INSERT INTO t (v) VALUES (randomblob(100))", [])
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            stop(child);
+            cpu[i].push(usage() - before);
+            // Every commit was uploaded on its own (the count replited logs at exit).
+            let log = w.log_text();
+            let puts = log
+                .lines()
+                .rev()
+                .find_map(|l| l.split("S3 requests sent: PUT ").nth(1))
+                .and_then(|v| v.split(',').next()?.parse::<u64>().ok());
+            assert!(
+                puts.is_some_and(|p| p >= n),
+                "{puts:?} PUTs for {n} commits over {}:\n{log}",
+                UPLOAD_VARIANTS[i]
+            );
+        }
+    }
+    cpu.into_iter()
+        .map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect()
+}
+
 fn main() {
     let test = std::env::args().any(|a| a == "--test");
     if std::env::args().any(|a| a == "--list") {
@@ -362,6 +451,11 @@ fn main() {
     let (mb, secs) = if test { (8, 2.0) } else { (1024, 60.0) };
     let s = S3Server::start();
     s.create_bucket(BUCKET);
+    let (n, rounds) = if test { (20, 1) } else { (300, 5) };
+    // `REPLITED_BENCH_S3=uploads`: section 4 alone.
+    if std::env::var("REPLITED_BENCH_S3").is_ok_and(|v| v == "uploads") {
+        return print_upload_cpu(&s, n, rounds);
+    }
     let (up, down, bytes) = snapshot_round_trip(&s, mb);
     println!(
         "### a {:.0} MB database through the local S3 server (s3s-fs)\n",
@@ -387,7 +481,6 @@ fn main() {
             );
         }
     }
-    let (n, rounds) = if test { (20, 1) } else { (300, 5) };
     let (objects, cpu) = request_cpu(&s, n, rounds);
     println!(
         "\n### CPU of a restore by URL of {objects} objects (single-transaction segments), median of {rounds}\n"
@@ -396,5 +489,18 @@ fn main() {
     println!("|---|---|---|");
     for ((name, _), ms) in REQUEST_VARIANTS.iter().zip(cpu) {
         println!("| {name} | {ms:.0} | {:.2} |", ms / objects as f64);
+    }
+    print_upload_cpu(&s, n, rounds);
+}
+
+fn print_upload_cpu(s: &S3Server, n: u64, rounds: usize) {
+    let cpu = upload_cpu(s, n, rounds);
+    println!(
+        "\n### CPU of `replicate` uploading each of {n} commits as it is made (the default `sync-interval = \"0s\"`: a PUT each), median of {rounds}\n"
+    );
+    println!("| endpoint | replicate CPU (ms) | per commit (ms) |");
+    println!("|---|---|---|");
+    for (name, ms) in UPLOAD_VARIANTS.iter().zip(cpu) {
+        println!("| {name} | {ms:.0} | {:.2} |", ms / n as f64);
     }
 }

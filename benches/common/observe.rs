@@ -50,6 +50,10 @@ impl CountingProxy {
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
+                // Heads and bodies are forwarded in separate writes: with Nagle's algorithm a
+                // body would wait for the ACK of its head, delayed on a connection kept open.
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
                 let c = c.clone();
                 std::thread::spawn(move || relay(client, server, &c));
             }

@@ -272,6 +272,16 @@ const SYSTEM_BUNDLES: [&str; 2] = [
     "/etc/pki/tls/certs/ca-bundle.crt",
 ];
 
+/// `n` single-row transactions, 20 ms apart (each its own segment with `sync-interval = "0s"`).
+fn commit_singly(db: &Path, n: u64) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    for _ in 0..n {
+        conn.execute("INSERT INTO t (v) VALUES (randomblob(100))", [])
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A backup of `n` single-transaction segments (nothing compacted), restored by URL `rounds`
 /// times in each of [`REQUEST_VARIANTS`], rotating: (objects, median CPU ms per variant).
 fn request_cpu(s: &S3Server, n: u64, rounds: usize) -> (usize, Vec<f64>) {
@@ -280,12 +290,7 @@ fn request_cpu(s: &S3Server, n: u64, rounds: usize) -> (usize, Vec<f64>) {
         "compaction-interval = \"1h\"\nsnapshot-interval = \"1h\"",
     );
     let child = w.start_capturing();
-    let conn = rusqlite::Connection::open(&w.db).unwrap();
-    for _ in 0..n {
-        conn.execute("INSERT INTO t (v) VALUES (randomblob(100))", [])
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    commit_singly(&w.db, n);
     stop(child);
     let (certs, front) = front(s, w.dir.path());
     let mut bundle = SYSTEM_BUNDLES
@@ -413,12 +418,7 @@ fn upload_cpu(s: &S3Server, n: u64, rounds: usize) -> Vec<f64> {
                 assert!(t.elapsed() < Duration::from_secs(60), "not capturing");
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let conn = rusqlite::Connection::open(&w.db).unwrap();
-            for _ in 0..n {
-                conn.execute("INSERT INTO t (v) VALUES (randomblob(100))", [])
-                    .unwrap();
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            commit_singly(&w.db, n);
             stop(child);
             cpu[i].push(usage() - before);
             // Every commit was uploaded on its own (the count replited logs at exit).

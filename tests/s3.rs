@@ -404,7 +404,7 @@ fn a_download_cut_midway_resumes_where_it_stopped() {
 
 /// A restore from a store far away opens the files it applies a few ahead: each segment's GET,
 /// held 100 ms by a relay, starts while the files before it are applied, so a restore of many
-/// small files waits for a round trip per few files, not per file.
+/// small files waits for a round trip per few files, not per file — on connections kept open.
 #[test]
 fn a_restore_downloads_files_ahead_of_applying_them() {
     let s = S3Server::start();
@@ -430,6 +430,13 @@ fn a_restore_downloads_files_ahead_of_applying_them() {
         "segment GETs one at a time ({} held, at most {} at once)",
         front.held(),
         front.most_held_at_once()
+    );
+    // The downloads keep their connections open: a round trip per file, not two or more.
+    assert!(
+        front.connections() * 2 <= front.held(),
+        "{} connections for {} segment GETs",
+        front.connections(),
+        front.held()
     );
 }
 

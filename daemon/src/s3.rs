@@ -10,7 +10,9 @@
 //! An upload of the same name is idempotent (the names say what they hold). Reads stream: a
 //! thread downloads the object and hands it to the reader in chunks as it arrives (a few ahead
 //! at most); an attempt that fails midway resumes with a ranged GET from the byte it reached,
-//! and a reader that stops early (a header read) stops the download.
+//! and a reader that stops early (a header read) stops the download. Uploads and downloads go
+//! through one HTTP client whose connections stay open between requests ([`agent`]); rust-s3
+//! sends the rest (lists, deletes, multipart's start and end), one connection each.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -191,8 +193,7 @@ fn upload(bucket: &Bucket, what: &str, key: &str, file: &mut File) -> Result<()>
 /// read from the file while they are sent: no copy of them is held in memory (rust-s3's own
 /// requests take the body as one buffer and copy it). The request is presigned by rust-s3
 /// with the bytes' `Content-MD5`, which the store checks against what it received. Returns
-/// the object's (part's) ETag. Sent by [`upload_agent`], on a connection kept open for the
-/// next.
+/// the object's (part's) ETag. Sent by [`agent`], on a connection kept open for the next.
 fn put_range(
     bucket: &Bucket,
     key: &str,
@@ -229,7 +230,7 @@ fn put_range(
                 .append_pair("uploadId", id);
         }
     }
-    let mut req = upload_agent()
+    let mut req = agent()
         .put(url.as_str())
         .header(http::header::CONTENT_LENGTH, len);
     for (k, v) in &headers {
@@ -259,20 +260,22 @@ fn put_range(
         .to_string())
 }
 
-/// The client uploads are sent with, one for the process (made at the first upload): its
-/// connections stay open between requests (with
-/// `sync-interval = "0s"` a PUT per commit: a new TCP connection, and a thread for its
-/// deadline, per request was much of the cost of each, and for `https://` a TLS handshake
-/// too), the roots it trusts loaded once — the system's, or `SSL_CERT_FILE` / `SSL_CERT_DIR`
-/// as rust-s3's own requests. Each step of a request (connecting, sending it, sending its
-/// body, the answer's head, its body) must end within [`REQUEST_TIMEOUT`] — no timeout over
-/// the whole request, with which ureq resolves the host on a new thread for every request.
-fn upload_agent() -> &'static ureq::Agent {
+/// The client uploads and downloads are sent with, one for the process (made at the first
+/// request): its connections stay open between requests (with `sync-interval = "0s"` a PUT per
+/// commit: a new TCP connection, and a thread for its deadline, per request was much of the
+/// cost of each, and for `https://` a TLS handshake too; a restore reads many small files, a
+/// round trip or more each to open a connection), the roots it trusts loaded once — the
+/// system's, or `SSL_CERT_FILE` / `SSL_CERT_DIR` as rust-s3's own requests. Each step of a
+/// request (connecting, sending it, sending its body, the answer's head, its body) must end
+/// within [`REQUEST_TIMEOUT`] — no timeout over the whole request, with which ureq resolves the
+/// host on a new thread for every request. A download longer than that resumes where it
+/// stopped ([`Download`]).
+fn agent() -> &'static ureq::Agent {
     static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
-    AGENT.get_or_init(new_upload_agent)
+    AGENT.get_or_init(new_agent)
 }
 
-fn new_upload_agent() -> ureq::Agent {
+fn new_agent() -> ureq::Agent {
     let roots: Vec<ureq::tls::Certificate<'static>> = rustls_native_certs::load_native_certs()
         .certs
         .iter()
@@ -289,12 +292,15 @@ fn new_upload_agent() -> ureq::Agent {
         .timeout_recv_response(Some(REQUEST_TIMEOUT))
         .timeout_recv_body(Some(REQUEST_TIMEOUT))
         .http_status_as_error(false)
+        // A restore downloads the file it applies and three ahead (`reader::open_ahead`) while
+        // the daemon may upload: their connections all stay.
+        .max_idle_connections_per_host(8)
         .tls_config(tls)
         .build()
         .into()
 }
 
-/// A failed upload request as rust-s3's error (its I/O error as it is).
+/// A failed request of [`agent`] as rust-s3's error (its I/O error as it is).
 fn http_error(e: ureq::Error) -> S3Error {
     match e {
         ureq::Error::Io(e) => S3Error::Io(e),
@@ -614,21 +620,22 @@ impl Write for Handover {
 fn get_into(bucket: &Bucket, key: &str, h: &mut Handover) -> Result<(), S3Error> {
     let url = bucket.presign_get(key, PRESIGN_SECS, None)?;
     let from = h.received;
-    let mut req = attohttpc::get(url).timeout(REQUEST_TIMEOUT);
+    let mut req = agent().get(&url);
     if from > 0 {
         req = req.header(http::header::RANGE, format!("bytes={from}-"));
     }
-    let resp = req.send()?;
+    let mut resp = req.call().map_err(http_error)?;
     let status = resp.status().as_u16();
-    if !resp.is_success() {
-        return Err(S3Error::HttpFailWithBody(status, resp.text()?));
+    if !resp.status().is_success() {
+        let text = resp.body_mut().read_to_string().map_err(http_error)?;
+        return Err(S3Error::HttpFailWithBody(status, text));
     }
     let announced = resp
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .filter(|_| !resp.headers().contains_key(http::header::CONTENT_ENCODING));
-    let (_, _, mut body) = resp.split();
+    let mut body = resp.into_body().into_reader();
     // A store that ignores the range answers the whole object: skip what is already here.
     let skip = if from > 0 && status != 206 { from } else { 0 };
     let skipped = io::copy(&mut (&mut body).take(skip), &mut io::sink())?;

@@ -31,6 +31,8 @@ struct Hold {
     cuts: AtomicU64,
     /// Requests with a `Range` header.
     ranged: AtomicU64,
+    /// Connections accepted.
+    connections: AtomicU64,
 }
 
 pub struct FlipFront {
@@ -110,6 +112,11 @@ impl FlipFront {
         )
     }
 
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.hold.connections.load(Ordering::SeqCst)
+    }
+
     /// Multi-object deletes refused so far.
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::SeqCst)
@@ -125,8 +132,8 @@ impl FlipFront {
 /// open): each request's head is read and the request relayed whole — held first when `hold`
 /// names it, its body's first byte flipped when it is a presigned PUT and the budget allows —
 /// while the answers are copied back until either side closes. The first request alone may
-/// be refused (with `refused`, a multi-object delete is answered 501 and counted) or have its
-/// answer cut (rust-s3's own requests, the only ones these concern, open a connection each).
+/// be refused (with `refused`, a multi-object delete is answered 501 and counted: rust-s3's own
+/// requests, which open a connection each); any GET may have its answer cut.
 fn relay(
     mut c: TcpStream,
     upstream: &str,
@@ -135,6 +142,7 @@ fn relay(
     refused: Option<&AtomicU64>,
     hold: &Hold,
 ) -> std::io::Result<()> {
+    hold.connections.fetch_add(1, Ordering::SeqCst);
     let mut up = TcpStream::connect(upstream)?;
     // Requests and answers go on as they come (a connection kept open would otherwise meet
     // Nagle's algorithm and delayed ACKs).
@@ -142,6 +150,10 @@ fn relay(
     up.set_nodelay(true)?;
     let mut buf = Vec::new();
     let mut back: Option<std::thread::JoinHandle<()>> = None;
+    let answers = Arc::new(Answers {
+        copied: AtomicU64::new(0),
+        limit: AtomicU64::new(u64::MAX),
+    });
     let mut chunk = [0u8; 16 << 10];
     loop {
         let head_end = loop {
@@ -176,15 +188,22 @@ fn relay(
         if head.contains("\r\nrange: bytes=") {
             hold.ranged.fetch_add(1, Ordering::SeqCst);
         }
-        let mut cut_after = None;
+        let cut_after = {
+            let mut c = hold.cut.lock().unwrap();
+            let hit = first_line.starts_with("GET ")
+                && c.as_ref()
+                    .is_some_and(|(w, _)| first_line.contains(w.as_str()));
+            hit.then(|| c.take().map(|(_, n)| n)).flatten()
+        };
+        if let Some(n) = cut_after {
+            // The answers before this one were read whole before it was sent (HTTP/1.1
+            // without pipelining): its answer starts where the copy back stands.
+            answers
+                .limit
+                .store(answers.copied.load(Ordering::SeqCst) + n, Ordering::SeqCst);
+            hold.cuts.fetch_add(1, Ordering::SeqCst);
+        }
         if back.is_none() {
-            cut_after = {
-                let mut c = hold.cut.lock().unwrap();
-                let hit = first_line.starts_with("GET ")
-                    && c.as_ref()
-                        .is_some_and(|(w, _)| first_line.contains(w.as_str()));
-                hit.then(|| c.take().map(|(_, n)| n)).flatten()
-            };
             if let Some(refused) = refused.filter(|_| {
                 first_line.starts_with("POST ")
                     && first_line
@@ -235,21 +254,8 @@ fn relay(
         up.write_all(&buf[..end])?;
         buf.drain(..end);
         if back.is_none() {
-            let (mut c2, mut up2) = (c.try_clone()?, up.try_clone()?);
-            back = Some(std::thread::spawn(move || match cut_after {
-                Some(n) => {
-                    let _ = std::io::copy(&mut (&mut up2).take(n), &mut c2);
-                    let _ = c2.shutdown(Shutdown::Both);
-                    let _ = up2.shutdown(Shutdown::Both);
-                }
-                None => {
-                    let _ = std::io::copy(&mut up2, &mut c2);
-                    let _ = c2.shutdown(Shutdown::Write);
-                }
-            }));
-            if cut_after.is_some() {
-                hold.cuts.fetch_add(1, Ordering::SeqCst);
-            }
+            let (c2, up2, answers) = (c.try_clone()?, up.try_clone()?, answers.clone());
+            back = Some(std::thread::spawn(move || copy_back(up2, c2, &answers)));
         }
         if chunked {
             let _ = std::io::copy(&mut c, &mut up);
@@ -261,4 +267,39 @@ fn relay(
         let _ = b.join();
     }
     Ok(())
+}
+
+/// The answers copied back on one connection: bytes so far, and where the connection is cut.
+struct Answers {
+    copied: AtomicU64,
+    limit: AtomicU64,
+}
+
+/// Copies the answers from `up` to `c` until either side closes, or cuts both connections
+/// once `answers.limit` bytes have been copied.
+fn copy_back(mut up: TcpStream, mut c: TcpStream, answers: &Answers) {
+    let mut chunk = [0u8; 16 << 10];
+    let mut copied = 0u64;
+    loop {
+        let k = match up.read(&mut chunk) {
+            Ok(0) | Err(_) => {
+                let _ = c.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(k) => k,
+        };
+        // (The limit is set before the request whose answer it cuts is sent upstream.)
+        let room = answers.limit.load(Ordering::SeqCst).saturating_sub(copied);
+        let k = k.min(usize::try_from(room).unwrap_or(usize::MAX));
+        if c.write_all(&chunk[..k]).is_err() {
+            return;
+        }
+        copied += k as u64;
+        answers.copied.store(copied, Ordering::SeqCst);
+        if copied == answers.limit.load(Ordering::SeqCst) {
+            let _ = c.shutdown(Shutdown::Both);
+            let _ = up.shutdown(Shutdown::Both);
+            return;
+        }
+    }
 }

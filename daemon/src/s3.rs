@@ -14,6 +14,8 @@
 //! through one HTTP client whose connections stay open between requests ([`agent`]); rust-s3
 //! sends the rest (lists, deletes, multipart's start and end), one connection each.
 
+mod tcp;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -31,6 +33,7 @@ use s3::creds::Credentials;
 use s3::error::S3Error;
 use s3::serde_types::{ObjectIdentifier, Part};
 use s3::{Bucket, Region};
+use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConnector};
 
 use crate::config::S3Params;
 use crate::storage::{ObjectWriter, Storage};
@@ -269,7 +272,8 @@ fn put_range(
 /// request (connecting, sending it, sending its body, the answer's head, its body) must end
 /// within [`REQUEST_TIMEOUT`] — no timeout over the whole request, with which ureq resolves the
 /// host on a new thread for every request. A download longer than that resumes where it
-/// stopped ([`Download`]).
+/// stopped ([`Download`]). Its connections acknowledge what they receive at once ([`tcp`]):
+/// on a kept-open connection the kernel's delayed ACKs stalled small GETs.
 fn agent() -> &'static ureq::Agent {
     static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
     AGENT.get_or_init(new_agent)
@@ -285,7 +289,7 @@ fn new_agent() -> ureq::Agent {
         .provider(ureq::tls::TlsProvider::Rustls)
         .root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(roots)))
         .build();
-    ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .timeout_connect(Some(REQUEST_TIMEOUT))
         .timeout_send_request(Some(REQUEST_TIMEOUT))
         .timeout_send_body(Some(REQUEST_TIMEOUT))
@@ -296,8 +300,18 @@ fn new_agent() -> ureq::Agent {
         // the daemon may upload: their connections all stay.
         .max_idle_connections_per_host(8)
         .tls_config(tls)
-        .build()
-        .into()
+        .build();
+    // ureq's own chain (a CONNECT proxy if one is configured, TCP, TLS for `https://`) with
+    // connections that acknowledge at once ([`tcp`]).
+    let connector =
+        ().chain(ConnectProxyConnector::default())
+            .chain(tcp::QuickAckConnector)
+            .chain(RustlsConnector::default());
+    ureq::Agent::with_parts(
+        config,
+        connector,
+        ureq::unversioned::resolver::DefaultResolver::default(),
+    )
 }
 
 /// A failed request of [`agent`] as rust-s3's error (its I/O error as it is).

@@ -1310,6 +1310,21 @@ impl BucketFollower {
         *self.stop.borrow()
     }
 
+    /// Sleeps `d`, woken early only to stop (an idle follower wakes once a poll, not every few
+    /// milliseconds to look at the stop flag); true when told to stop. Runs on a blocking thread
+    /// of the runtime.
+    fn sleep_unless_stopped(&self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        let mut stop = self.stop.clone();
+        let waited = tokio::runtime::Handle::current()
+            .block_on(async { tokio::time::timeout(d, stop.wait_for(|s| *s)).await });
+        if let Ok(Err(_)) = waited {
+            // The sender is gone (shutting down): no stop to wait for, sleep out the poll.
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        }
+        self.stopped()
+    }
+
     fn stop_app(&self) {
         let (tx, rx) = oneshot::channel();
         if self.sup.send(SupMsg::Stop(self.index, tx)).is_ok() {
@@ -1533,12 +1548,8 @@ impl BucketFollower {
             self.health.set_status(self.index, || {
                 format!("following the bucket at txid {}", applied.pos.txid)
             });
-            let until = Instant::now() + BUCKET_POLL;
-            while Instant::now() < until {
-                if self.stopped() {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            if self.sleep_unless_stopped(BUCKET_POLL) {
+                return Ok(());
             }
         }
     }

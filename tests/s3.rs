@@ -658,6 +658,15 @@ fn replica_follows_the_bucket_alone() {
 
 /// A `replica-sidecar` following the bucket of `s` alone (debug logs); its database.
 fn start_bucket_replica(w: &World, s: &S3Server) -> (Daemon, std::path::PathBuf) {
+    start_bucket_replica_at(w, s, &s.endpoint)
+}
+
+/// As [`start_bucket_replica`], reaching the store at `endpoint` (a front before it).
+fn start_bucket_replica_at(
+    w: &World,
+    s: &S3Server,
+    endpoint: &str,
+) -> (Daemon, std::path::PathBuf) {
     let rdir = w.path("replica");
     fs::create_dir_all(&rdir).unwrap();
     let rdb = rdir.join("data.db");
@@ -667,7 +676,7 @@ fn start_bucket_replica(w: &World, s: &S3Server) -> (Daemon, std::path::PathBuf)
         format!(
             "[log]\nlevel = \"debug\"\n[[database]]\ndb = \"{}\"\n{}",
             rdb.display(),
-            s3_target(s, BUCKET, &s.secret_key)
+            s3_target(s, BUCKET, &s.secret_key).replace(&s.endpoint, endpoint)
         ),
     )
     .unwrap();
@@ -678,6 +687,40 @@ fn start_bucket_replica(w: &World, s: &S3Server) -> (Daemon, std::path::PathBuf)
         .spawn()
         .unwrap();
     (Daemon { child, log }, rdb)
+}
+
+/// A replica following the bucket lists it (every second) on a kept-open connection, not on a
+/// new connection — and for `https://` a TLS handshake — per poll.
+#[test]
+fn a_bucket_replica_lists_on_a_kept_open_connection() {
+    let s = S3Server::start();
+    s.create_bucket(BUCKET);
+    let w = World::new("");
+    configure(&w, &s3_target(&s, BUCKET, &s.secret_key), false);
+    let d = w.start("auto");
+    run_load(&w.db, 1, 20);
+    let front = flip_front::FlipFront::start(s.endpoint.trim_start_matches("http://"), 0);
+    let (r, rdb) = start_bucket_replica_at(&w, &s, &front.endpoint);
+    r.wait_for_log("caught up with the bucket", Duration::from_secs(60));
+    // Each listing from here on counted (held for no time), and the connections opened.
+    front.hold(Some(("list-type=2", Duration::ZERO)));
+    let (lists, connections) = (front.held(), front.connections());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while front.held() - lists < 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let listed = front.held() - lists;
+    assert!(listed >= 5, "{listed} listings in 60 s");
+    let opened = front.connections() - connections;
+    assert!(
+        opened <= 1,
+        "{opened} connections opened for {listed} listings"
+    );
+    // And it still follows.
+    run_load(&w.db, 21, 25);
+    wait_same(&w.db, &rdb, &r, Duration::from_secs(60));
+    r.stop();
+    d.stop();
 }
 
 /// A primary with only an S3 target on a new server (compaction every `compaction`), rows

@@ -10,9 +10,10 @@
 //! An upload of the same name is idempotent (the names say what they hold). Reads stream: a
 //! thread downloads the object and hands it to the reader in chunks as it arrives (a few ahead
 //! at most); an attempt that fails midway resumes with a ranged GET from the byte it reached,
-//! and a reader that stops early (a header read) stops the download. Uploads and downloads go
-//! through one HTTP client whose connections stay open between requests ([`agent`]); rust-s3
-//! sends the rest (lists, deletes, multipart's start and end), one connection each.
+//! and a reader that stops early (a header read) stops the download. Uploads, downloads and
+//! listings go through one HTTP client whose connections stay open between requests
+//! ([`agent`]); rust-s3 sends the rest (the start-up check, deletes, multipart's start and end),
+//! one connection each.
 
 mod tcp;
 
@@ -31,7 +32,7 @@ use http::{HeaderMap, HeaderName};
 use replited_core::name::FileMeta;
 use s3::creds::Credentials;
 use s3::error::S3Error;
-use s3::serde_types::{ObjectIdentifier, Part};
+use s3::serde_types::{ListBucketResult, ObjectIdentifier, Part};
 use s3::{Bucket, Region};
 use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConnector};
 
@@ -314,6 +315,36 @@ fn new_agent() -> ureq::Agent {
     )
 }
 
+/// One page (up to 1,000 keys) of the bucket's keys under `prefix` (ListObjectsV2), after
+/// `start_after` or from a continuation token: presigned by rust-s3, sent by [`agent`] on a
+/// kept-open connection (a replica following the bucket lists it every second), parsed as
+/// rust-s3 parses its own listings.
+fn list_page(
+    bucket: &Bucket,
+    prefix: &str,
+    token: Option<&str>,
+    start_after: Option<&str>,
+) -> Result<ListBucketResult, S3Error> {
+    let mut queries = HashMap::from([
+        ("list-type".to_string(), "2".to_string()),
+        ("prefix".to_string(), prefix.to_string()),
+    ]);
+    if let Some(t) = token {
+        queries.insert("continuation-token".into(), t.into());
+    }
+    if let Some(a) = start_after {
+        queries.insert("start-after".into(), a.into());
+    }
+    let url = bucket.presign_get("/", PRESIGN_SECS, Some(queries))?;
+    let mut resp = agent().get(&url).call().map_err(http_error)?;
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().map_err(http_error)?;
+    if !resp.status().is_success() {
+        return Err(S3Error::HttpFailWithBody(status, text));
+    }
+    Ok(quick_xml::de::from_str(&text)?)
+}
+
 /// A failed request of [`agent`] as rust-s3's error (its I/O error as it is).
 fn http_error(e: ureq::Error) -> S3Error {
     match e {
@@ -514,18 +545,13 @@ impl S3Storage {
         let mut token = None;
         let start_after = after.map(|m| self.key(m));
         loop {
-            let (page, _) = self.retry("listing", || {
+            let page = self.retry("listing", || {
                 REQUESTS.list.fetch_add(1, Relaxed);
-                self.bucket.list_page(
-                    strip.clone(),
-                    None,
-                    token.clone(),
-                    if token.is_none() {
-                        start_after.clone()
-                    } else {
-                        None
-                    },
-                    None,
+                list_page(
+                    &self.bucket,
+                    &strip,
+                    token.as_deref(),
+                    start_after.as_deref().filter(|_| token.is_none()),
                 )
             })?;
             out.extend(

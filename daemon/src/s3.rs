@@ -250,12 +250,7 @@ fn put_range(
     let mut resp = req
         .send(ureq::SendBody::from_reader(&mut body))
         .map_err(http_error)?;
-    let status = resp.status().as_u16();
-    // Read to its end, so that the connection can carry the next request.
-    let text = resp.body_mut().read_to_string().map_err(http_error)?;
-    if !resp.status().is_success() {
-        return Err(S3Error::HttpFailWithBody(status, text));
-    }
+    text_of(&mut resp)?;
     Ok(resp
         .headers()
         .get("etag")
@@ -337,12 +332,18 @@ fn list_page(
     }
     let url = bucket.presign_get("/", PRESIGN_SECS, Some(queries))?;
     let mut resp = agent().get(&url).call().map_err(http_error)?;
-    let status = resp.status().as_u16();
+    Ok(quick_xml::de::from_str(&text_of(&mut resp)?)?)
+}
+
+/// The text of an answer of [`agent`]'s, read to its end so that the connection can carry the
+/// next request; the store's error (its status and text) when it is one.
+fn text_of(resp: &mut http::Response<ureq::Body>) -> Result<String, S3Error> {
+    let status = resp.status();
     let text = resp.body_mut().read_to_string().map_err(http_error)?;
-    if !resp.status().is_success() {
-        return Err(S3Error::HttpFailWithBody(status, text));
+    if !status.is_success() {
+        return Err(S3Error::HttpFailWithBody(status.as_u16(), text));
     }
-    Ok(quick_xml::de::from_str(&text)?)
+    Ok(text)
 }
 
 /// A failed request of [`agent`] as rust-s3's error (its I/O error as it is).
@@ -667,8 +668,7 @@ fn get_into(bucket: &Bucket, key: &str, h: &mut Handover) -> Result<(), S3Error>
     let mut resp = req.call().map_err(http_error)?;
     let status = resp.status().as_u16();
     if !resp.status().is_success() {
-        let text = resp.body_mut().read_to_string().map_err(http_error)?;
-        return Err(S3Error::HttpFailWithBody(status, text));
+        return text_of(&mut resp).map(drop); // the store's error, never Ok here
     }
     let announced = resp
         .headers()

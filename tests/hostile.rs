@@ -187,10 +187,30 @@ impl HostileClient {
                 }
             }
         };
+        // The primary's STOP_SENDING is watched for beside the write: quinn wakes a writer
+        // blocked on the connection's send window only when the window opens, not when its
+        // stream is stopped (200 streams of 16 MiB fill that window for as long as they wait).
+        let stopped = send.stopped();
         let mut fs = FramedStream::new(send, recv);
-        let write_error = match tokio::time::timeout(wait, fs.send_frames(bytes)).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
+        let write_error = match tokio::time::timeout(wait, async {
+            let write = fs.send_frames(bytes);
+            tokio::pin!(write);
+            tokio::select! {
+                biased;
+                r = &mut write => r.err().map(|e| e.to_string()),
+                r = stopped => match r {
+                    Ok(Some(code)) => Some(format!(
+                        "writing to the stream: {}",
+                        quinn::WriteError::Stopped(code)
+                    )),
+                    // The connection lost: the write says how.
+                    _ => write.await.err().map(|e| e.to_string()),
+                },
+            }
+        })
+        .await
+        {
+            Ok(e) => e,
             Err(_) => Some("write timed out".into()),
         };
         if finish && write_error.is_none() {

@@ -187,9 +187,11 @@ impl HostileClient {
                 }
             }
         };
-        // The primary's STOP_SENDING is watched for beside the write: quinn wakes a writer
-        // blocked on the connection's send window only when the window opens, not when its
-        // stream is stopped (200 streams of 16 MiB fill that window for as long as they wait).
+        // The primary's STOP_SENDING is watched for beside the write: quinn-proto 0.11 answers
+        // a write that the connection's window refuses with "blocked" before it looks whether
+        // the stream was stopped (`write_source`), so the writer woken by the stop sleeps again
+        // until the window opens — 200 streams of 16 MiB keep it shut, and the writes saw
+        // their stops only at their 60 s deadline (after it, on a slow host).
         let stopped = send.stopped();
         let mut fs = FramedStream::new(send, recv);
         let write_error = match tokio::time::timeout(wait, async {

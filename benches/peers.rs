@@ -1884,10 +1884,97 @@ fn main() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-peers.md");
     fs::write(&path, &w.report).unwrap();
     eprintln!("peers: report written to {}", path.display());
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/BENCHMARKS.md");
+    if w.opts.test {
+        // The tiny run's figures mean nothing: the splice is checked on a copy instead.
+        check_doc_splice(&doc);
+    } else if w.opts.only.is_empty() {
+        let text = fs::read_to_string(&doc).unwrap();
+        let dated = format!("{}{}", run_stamp(), w.report);
+        fs::write(&doc, splice_report(&text, &dated).unwrap()).unwrap();
+        eprintln!(
+            "peers: the report of every workload written into {}",
+            doc.display()
+        );
+    } else {
+        eprintln!(
+            "peers: REPLITED_BENCH={}: one workload, so {} keeps the last run of all of them",
+            w.opts.only,
+            doc.display()
+        );
+    }
     let failures = w.failures.borrow();
     assert!(
         failures.is_empty(),
         "replited failed:\n{}",
         failures.join("\n")
     );
+}
+
+/// Where docs/BENCHMARKS.md holds the last report of a run of every workload.
+const DOC_BEGIN: &str = "<!-- peers report: begin (benches/peers.rs writes what is between) -->";
+const DOC_END: &str = "<!-- peers report: end -->";
+
+/// `text` with the report between its markers replaced by `report`, its headings nested four
+/// levels deeper (under the document's "Beside the peers"); None without both markers in order.
+fn splice_report(text: &str, report: &str) -> Option<String> {
+    let begin = text.find(DOC_BEGIN)? + DOC_BEGIN.len();
+    let end = begin + text[begin..].find(DOC_END)?;
+    let mut body = String::from("\n\n");
+    for line in report.trim().lines() {
+        if line.starts_with('#') {
+            body.push_str("##");
+        }
+        body.push_str(line);
+        body.push('\n');
+    }
+    body.push('\n');
+    Some(format!("{}{body}{}", &text[..begin], &text[end..]))
+}
+
+/// The date and replited's commit, for the report written into the docs.
+fn run_stamp() -> String {
+    let out = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    format!(
+        "Run of {} (UTC), replited at commit {}{}, as the harness wrote it:\n\n",
+        out("date", &["-u", "+%Y-%m-%d %H:%M"]),
+        out("git", &["rev-parse", "--short", "HEAD"]),
+        match out("git", &["status", "--porcelain", "--", "core", "daemon"]).as_str() {
+            "" | "?" => "",
+            _ => " with uncommitted changes",
+        }
+    )
+}
+
+/// The splice, on a copy of the document: the report lands between the markers, once, and
+/// everything outside them is kept byte for byte.
+fn check_doc_splice(doc: &Path) {
+    let text = fs::read_to_string(doc).unwrap();
+    assert!(
+        splice_report(&text, "x").is_some(),
+        "{} lacks the markers of the peers report",
+        doc.display()
+    );
+    let first = splice_report(&text, "## a report\n\n| a | b |").unwrap();
+    let again = splice_report(&first, "## a report\n\n| a | b |").unwrap();
+    assert_eq!(
+        first, again,
+        "writing the same report twice changes nothing"
+    );
+    assert!(
+        first.contains("#### a report\n"),
+        "headings nested under the document's"
+    );
+    let (head, tail) = text.split_once(DOC_BEGIN).unwrap();
+    assert!(first.starts_with(head) && first.ends_with(&tail[tail.find(DOC_END).unwrap()..]));
+    assert!(splice_report("no markers", "x").is_none());
 }

@@ -1945,7 +1945,7 @@ fn run_stamp() -> String {
             .unwrap_or_else(|| "?".into())
     };
     format!(
-        "Run of {} (UTC), replited at commit {}{}, as the harness wrote it:\n\n",
+        "Run ended {} (UTC), replited at commit {}{}, as the harness wrote it:\n\n",
         out("date", &["-u", "+%Y-%m-%d %H:%M"]),
         out("git", &["rev-parse", "--short", "HEAD"]),
         match out("git", &["status", "--porcelain", "--", "core", "daemon"]).as_str() {

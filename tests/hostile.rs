@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, Opts};
 use common::*;
-use replited::transport::{client_config, server_config, ClientTls, FramedStream, ServerTls};
+use replited::transport::{
+    client_config, server_config, ClientTls, FramedStream, ServerTls, TransportError,
+};
 use replited_core::proto::{encode_frame, ErrorCode, Message, MAX_FRAME_LEN};
 use replited_core::Pos;
 
@@ -201,10 +203,9 @@ impl HostileClient {
                 biased;
                 r = &mut write => r.err().map(|e| e.to_string()),
                 r = stopped => match r {
-                    Ok(Some(code)) => Some(format!(
-                        "writing to the stream: {}",
-                        quinn::WriteError::Stopped(code)
-                    )),
+                    Ok(Some(code)) => {
+                        Some(TransportError::from(quinn::WriteError::Stopped(code)).to_string())
+                    }
                     // The connection lost: the write says how.
                     _ => write.await.err().map(|e| e.to_string()),
                 },
